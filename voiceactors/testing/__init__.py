@@ -1,0 +1,1 @@
+"""Test helpers for voiceactors and for users' own tests (leak checks, the simulator)."""
