@@ -50,6 +50,23 @@ class EndSession(Exception):
         self.detail = detail
 
 
+def _only_end(group: BaseExceptionGroup) -> EndSession | None:
+    """The first ``EndSession`` in ``group`` if every other leaf is a cancellation."""
+    ends, others = group.split(EndSession)
+    if ends is None or (
+        others is not None
+        and others.subgroup(
+            lambda e: not isinstance(e, trio.Cancelled) and not isinstance(e, BaseExceptionGroup)
+        )
+        is not None
+    ):
+        return None
+    leaf: BaseException = ends
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, EndSession) else None
+
+
 class ActorOutcome(msgspec.Struct, frozen=True):
     """How one actor finished: ``returned``, ``ended``, ``cancelled`` or ``error``."""
 
@@ -176,7 +193,15 @@ class Session:
 
     async def _run_actor(self, actor: _Actor) -> None:
         try:
-            await actor.fn(*actor.args)
+            try:
+                await actor.fn(*actor.args)
+            except BaseExceptionGroup as group:
+                # An actor's own nursery wraps what its tasks raise; an EndSession inside
+                # (with nothing but cancellations beside it) is still a clean end.
+                end = _only_end(group)
+                if end is None:
+                    raise
+                raise end from None
         except EndSession as exc:
             self._outcomes[actor.name] = ActorOutcome(actor.name, "ended", str(exc))
             self.end(exc.reason, exc.code, exc.detail)
