@@ -7,6 +7,10 @@ conftest). It provides:
     Every Trio test runs under ``leaks.leak_checked_run``: once the test and its fixtures
     are done, a task still alive, a pending deadline or an unclosed edge fails the test.
     Opt out with ``@pytest.mark.leaks_allowed(reason)``.
+
+``realtime_sim``
+    A simulator running in the test's Trio run on 127.0.0.1 (free port), default
+    config; for a script or a fault plan use ``voiceactors.testing.sim.open_simulator``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import pytest
 
 from .leaks import leak_checked_run
+from .sim import realtime_sim as realtime_sim  # noqa: F401  (a fixture for users' tests)
 
 
 def pytest_configure(config: pytest.Config) -> None:
