@@ -367,15 +367,13 @@ async def test_session_starts_from_the_warm_pool_without_a_handshake(autojump_cl
         pool = WarmPool(endpoint, breakers, PoolConfig(size=2))
         await nursery.start(pool.run)
         with trio.fail_after(10):
-            while len(pool) < 2:
-                await trio.sleep(0.01)
+            await pool.wait_filled()
         o = await run_session(breakers=breakers, pool=pool, sim=running)
         assert o.reason == "client_end" and len(o.completed()) == 1
         assert pool.taken == 1
         # The pool refilled behind the session's back: no session waited for a handshake.
         with trio.fail_after(10):
-            while len(pool) < 2:
-                await trio.sleep(0.01)
+            await pool.wait_filled()
         assert running.sim.connections_seen == 3
         nursery.cancel_scope.cancel()
 
@@ -405,12 +403,10 @@ async def test_tool_output_sent_during_an_outage_is_delivered_once(autojump_cloc
                         item=FunctionCallOutputItem(call_id="call_1", output='{"ok": true}')
                     )
                 )
-                while (
-                    len(running.sim.connections) < 2
-                    or not running.sim.connections[1].received_events
-                ):
-                    await trio.sleep(0.05)
-                await trio.sleep(1.0)
+                async for msg in out.receiver:  # wait until the actor says it is back
+                    if isinstance(msg, UpstreamStatus) and msg.state == "reconnected":
+                        break
+                await trio.sleep(1.0)  # virtual time: the replayed events reach the simulator
 
         s.actor("upstream", actor.run, inbox.receiver, out.sender)
         s.actor("client", client, ends_session="client_end")

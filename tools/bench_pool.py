@@ -58,8 +58,7 @@ async def main(n: int) -> dict[str, object]:
             pool = WarmPool(endpoint, breakers, PoolConfig(size=4))
             await nursery.start(pool.run)
             for i in range(n):
-                while len(pool) == 0:  # a session arriving to an empty pool would go cold
-                    await trio.sleep(0.001)
+                await pool.wait_filled(1)  # an empty pool would send the session cold
                 results["pool"].append(await _ready_time(endpoint, breakers, pool))
                 print(f"\rpool {i + 1}/{n}", end="", file=sys.stderr)
             nursery.cancel_scope.cancel()

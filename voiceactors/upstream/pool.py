@@ -71,6 +71,7 @@ class WarmPool:
         self._configure = configure  # a client event (session.update) sent on each new one
         self._idle: deque[UpstreamConnection] = deque()
         self._wanted = trio.Event()
+        self._grew = trio.Event()
         self.opened = 0
         self.taken = 0
         self.expired = 0
@@ -160,7 +161,15 @@ class WarmPool:
         breaker.record(True, trio.current_time() - started, trio.current_time())
         self.opened += 1
         self._idle.append(conn)
+        self._grew.set()
+        self._grew = trio.Event()
         return True
+
+    async def wait_filled(self, count: int | None = None) -> None:
+        """Wait until at least ``count`` (default: ``size``) connections are idle here."""
+        want = self.config.size if count is None else count
+        while len(self._idle) < want:
+            await self._grew.wait()
 
     async def _keep(self, *, task_status: trio.TaskStatus[UpstreamConnection]) -> None:
         """Hold one connection open until whoever has it (pool or session) releases it."""
