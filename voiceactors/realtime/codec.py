@@ -285,6 +285,13 @@ def _event_header(obj: Any) -> tuple[str, str | None]:
 # ------------------------------------------------------------------------------ decoders
 
 
+def _envelope(data: bytes) -> bytes | None:
+    """``data`` without the characters of its compact ``"audio":"..."`` value, or None."""
+    i = data.find(b'"audio":"')
+    j = data.find(b'"', i + 9) if i > 0 else -1
+    return data[: i + 9] + data[j:] if j > 0 else None
+
+
 class ClientEventDecoder:
     """Decode frames a client sends (the simulator's and the gateway's inbound edge).
 
@@ -302,13 +309,15 @@ class ClientEventDecoder:
 
     def decode(self, frame: bytes | str) -> ClientEvent:
         data = _to_bytes(frame)
-        if data.startswith(b'{"type":"input_audio_buffer.append"') and b"\\" not in data:
-            # Hot path. Without escapes every key is literal, so counting the three
-            # allowed keys finds duplicates; any other key is refused by the strict struct.
+        if data.startswith(b'{"type":"input_audio_buffer.append"') and (env := _envelope(data)):
+            # Hot path. The audio value holds no quote, so everything around it (the
+            # envelope) is small; with no escapes there, every key is literal and counting
+            # the three allowed keys finds duplicates. Other keys: the strict struct.
             if (
-                data.count(b'"audio"') == 1
-                and data.count(b'"type"') == 1
-                and data.count(b'"event_id"') <= 1
+                b"\\" not in env
+                and env.count(b'"audio"') == 1
+                and env.count(b'"type"') == 1
+                and env.count(b'"event_id"') <= 1
             ):
                 try:
                     return self._append.decode(data)
