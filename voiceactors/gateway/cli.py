@@ -1,0 +1,125 @@
+"""``python -m voiceactors serve``: run the gateway in front of the session runtime.
+
+``run`` opens the runtime (``voiceactors.runtime.open_runtime(args)``: an async context
+manager yielding an object with ``handle_client(ws, info)``, ``readiness()`` and
+``metrics``), serves until SIGINT/SIGTERM, drains, and returns 0. Exit codes: 2 for a
+configuration the gateway refuses (public bind without a token, bad values), 1 when the
+address cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from urllib.parse import urlsplit
+
+import trio
+
+from .security import InsecureBindError, check_bind
+from .server import Gateway, GatewayConfig, serve_until_signal
+
+__all__ = ["add_arguments", "config_from_args", "run"]
+
+TOKEN_ENV = "VOICEACTORS_TOKEN"
+
+
+def _upstream(value: str) -> str:
+    if value in ("sim", "openai"):
+        return value
+    url = urlsplit(value)
+    if url.scheme in ("ws", "wss") and url.hostname:
+        return value
+    raise argparse.ArgumentTypeError(f"expected 'sim', 'openai' or a ws(s):// URL, got {value!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = GatewayConfig()
+    parser.add_argument("--host", default=defaults.host, help="address to listen on (%(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=defaults.port, help="port, 0 for any free one (%(default)s)"
+    )
+    parser.add_argument(
+        "--upstream",
+        type=_upstream,
+        default="sim",
+        help="'sim' (embedded simulator, the default), 'openai', or a ws(s):// URL",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV) or None,
+        help=f"token clients must present (default: ${TOKEN_ENV}); required off loopback",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin allowed to open sessions, e.g. https://app.example.com "
+        "(repeatable; the gateway's own loopback origins are always allowed)",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=defaults.max_sessions,
+        help="concurrent sessions; more are closed with 1013 (%(default)s)",
+    )
+    parser.add_argument(
+        "--insecure-public",
+        action="store_true",
+        help="allow a non-loopback --host without a token (anyone can use your API key)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """The :class:`GatewayConfig` the arguments describe (``ValueError`` if invalid)."""
+    return GatewayConfig(
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        allowed_origins=tuple(args.allow_origin),
+        max_sessions=args.max_sessions,
+        allow_insecure_public=args.insecure_public,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; see the module docstring for exit codes."""
+    try:
+        config = config_from_args(args)
+        insecure = check_bind(config.host, config.token, config.allow_insecure_public)
+    except (InsecureBindError, ValueError) as exc:
+        print(f"voiceactors: {exc}", file=sys.stderr)
+        return 2
+    if insecure:
+        print(
+            f"voiceactors: WARNING: serving {config.host} WITHOUT A TOKEN: anyone who can "
+            "reach this port can use your upstream API key",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        trio.run(_serve, args, config)
+    except OSError as exc:
+        print(f"voiceactors: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(args: argparse.Namespace, config: GatewayConfig) -> None:
+    from ..runtime import open_runtime  # the session side; imported late (heavy)
+
+    async with open_runtime(args) as runtime:
+        gateway = Gateway(
+            config,
+            runtime.handle_client,
+            readiness=runtime.readiness,
+            metrics=runtime.metrics,
+        )
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_until_signal, gateway)
+            host = f"[{config.host}]" if ":" in config.host else config.host
+            print(
+                f"voiceactors listening on http://{host}:{port}/ (upstream: {args.upstream})",
+                flush=True,
+            )
