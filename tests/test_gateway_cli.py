@@ -1,17 +1,17 @@
 """``voiceactors.gateway.cli``: arguments, refusals, and one real run in a child process.
 
-The session runtime (``voiceactors.runtime``) belongs to another part of the tree; the
-end-to-end test injects a small echo runtime with the same interface into the child.
+The end-to-end tests run ``python -m voiceactors`` in a child process on the embedded
+simulator.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
-import textwrap
 from functools import partial
 
 import h11
@@ -82,39 +82,6 @@ def test_bad_values_refuse_to_start(capsys: pytest.CaptureFixture[str]) -> None:
     assert "max_sessions" in capsys.readouterr().err
 
 
-CHILD = textwrap.dedent(
-    """
-    import argparse, contextlib, sys, types
-    from voiceactors.metrics import Registry
-
-    class Runtime:
-        def __init__(self):
-            self.metrics = Registry()
-
-        async def handle_client(self, ws, info):
-            while True:
-                await ws.send_message(await ws.get_message())
-
-        def readiness(self):
-            return True, {"upstream": "fake"}
-
-    @contextlib.asynccontextmanager
-    async def open_runtime(args):
-        yield Runtime()
-        print("runtime closed", flush=True)
-
-    fake = types.ModuleType("voiceactors.runtime")
-    fake.open_runtime = open_runtime
-    sys.modules["voiceactors.runtime"] = fake
-
-    from voiceactors.gateway import cli
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    sys.exit(cli.run(parser.parse_args(sys.argv[1:])))
-    """
-)
-
-
 async def _get(port: int, target: str) -> tuple[int, bytes]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
@@ -134,45 +101,72 @@ async def _get(port: int, target: str) -> tuple[int, bytes]:
                 return status, body
 
 
-async def test_serve_prints_address_serves_and_drains_on_sigterm() -> None:
-    argv = [sys.executable, "-c", CHILD, "--port", "0", "--token", "t0k", "--upstream", "openai"]
+async def _serve_child(nursery: trio.Nursery, *args: str) -> tuple[trio.Process, int, str]:
+    argv = [sys.executable, "-m", "voiceactors", *args]
+    env = {**os.environ, "VOICEACTORS_PORT": "0"}
+    env.pop("VOICEACTORS_TOKEN", None)
+    proc = await nursery.start(
+        partial(
+            trio.run_process,
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            check=False,
+            env=env,
+        )
+    )
+    out = b""
+    while b"\n" not in out:
+        chunk = await proc.stdout.receive_some()
+        assert chunk, "the child exited before listening"
+        out += chunk
+    line = out.decode().splitlines()[0]
+    prefix = "voiceactors listening on http://127.0.0.1:"
+    assert line.startswith(prefix), line
+    return proc, int(line[len(prefix) :].split("/")[0]), line
+
+
+@pytest.mark.parametrize("argv", [("serve", "--port", "0", "--token", "t0k"), ()])
+async def test_serve_prints_address_serves_and_drains_on_sigterm(argv: tuple[str, ...]) -> None:
+    """``serve`` (and no command at all) prints the URL, serves a session on the embedded
+    simulator, and drains it with 1001 on SIGTERM."""
+    default = not argv
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            proc = await nursery.start(
-                partial(
-                    trio.run_process,
-                    argv,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    check=False,
-                )
-            )
-            out = b""
-            while b"\n" not in out:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, "the child exited before listening"
-                out += chunk
-            line = out.decode().splitlines()[0]
-            prefix = "voiceactors listening on http://127.0.0.1:"
-            assert line.startswith(prefix) and line.endswith("/ (upstream: openai)")
-            port = int(line[len(prefix) :].split("/")[0])
-
+            proc, port, line = await _serve_child(nursery, *argv)
+            assert line.endswith("/ (upstream: sim)")
             assert await _get(port, "/healthz") == (200, b"ok\n")
             status, body = await _get(port, "/readyz")
-            assert (status, json.loads(body)["detail"]) == (200, {"upstream": "fake"})
-            assert (await _get(port, "/metrics"))[0] == 401
+            detail = json.loads(body)["detail"]
+            assert (status, detail["upstream"], detail["breaker"]) == (200, "sim", "closed")
+            assert (await _get(port, "/metrics"))[0] == (200 if default else 401)
 
-            resource = "/v1/realtime?token=t0k"
+            resource = "/v1/realtime?model=gpt-realtime" + ("" if default else "&token=t0k")
             async with open_websocket("127.0.0.1", port, resource, use_ssl=False) as ws:
-                await ws.send_message("hello")
-                assert await ws.get_message() == "hello"
+                first = json.loads(await ws.get_message())
+                assert first["type"] == "session.created"
+                assert first["session"]["audio"]["input"]["format"] == {
+                    "type": "audio/pcm",
+                    "rate": 24000,
+                }
                 proc.send_signal(signal.SIGTERM)
                 with pytest.raises(ConnectionClosed) as closed:
-                    await ws.get_message()
+                    while True:
+                        await ws.get_message()
                 assert closed.value.reason is not None
                 assert closed.value.reason.code == 1001
             assert await proc.wait() == 0
-            rest = b""
-            while chunk := await proc.stdout.receive_some():
-                rest += chunk
-            assert b"runtime closed" in rest
+
+
+async def test_serve_refuses_openai_without_a_key() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-m", "voiceactors", "serve", "--upstream", "openai", "--port", "0"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+    assert done.returncode == 2
+    assert b"OPENAI_API_KEY" in done.stderr

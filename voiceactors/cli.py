@@ -17,8 +17,16 @@ from . import __version__
 
 #: subcommand -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": (
+        "voiceactors.gateway.cli",
+        "serve the browser page and client sessions (the default command)",
+    ),
     "specs": ("voiceactors.cli", "print the state machines and (re)write their Mermaid diagrams"),
     "sim": ("voiceactors.sim.cli", "run the embedded Realtime API simulator"),
+    "run": (
+        "voiceactors.runner",
+        "run one session from WAV files through the runtime and print a report",
+    ),
 }
 
 
@@ -40,9 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    if args.command is None:  # no subcommand: serve with every default
+        args = parser.parse_args(["serve"])
     result: int = args._run(args)
     return result
 

@@ -22,6 +22,17 @@ from .server import Gateway, GatewayConfig, serve_until_signal
 __all__ = ["add_arguments", "config_from_args", "run"]
 
 TOKEN_ENV = "VOICEACTORS_TOKEN"
+PORT_ENV = "VOICEACTORS_PORT"
+
+
+def _env_port(default: int) -> int:
+    text = os.environ.get(PORT_ENV)
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(f"voiceactors: {PORT_ENV} must be a port number, got {text!r}") from None
 
 
 def _upstream(value: str) -> str:
@@ -37,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GatewayConfig()
     parser.add_argument("--host", default=defaults.host, help="address to listen on (%(default)s)")
     parser.add_argument(
-        "--port", type=int, default=defaults.port, help="port, 0 for any free one (%(default)s)"
+        "--port",
+        type=int,
+        default=_env_port(defaults.port),
+        help=f"port, 0 for any free one (default: ${PORT_ENV} or %(default)s)",
     )
     parser.add_argument(
         "--upstream",
@@ -64,6 +78,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_sessions,
         help="concurrent sessions; more are closed with 1013 (%(default)s)",
     )
+    parser.add_argument("--model", default="gpt-realtime", help="upstream model (%(default)s)")
+    parser.add_argument(
+        "--instructions", default=None, help="the agent's instructions (the operator's prompt)"
+    )
+    parser.add_argument("--voice", default=None, help="the agent's voice, e.g. marin")
+    parser.add_argument(
+        "--vad-profile",
+        choices=("quiet", "normal", "noisy"),
+        default="normal",
+        help="local voice detector tuning for barge-in (%(default)s)",
+    )
+    parser.add_argument(
+        "--allow-client-session",
+        action="store_true",
+        help="let clients set instructions, tools and model (off: they get an error)",
+    )
     parser.add_argument(
         "--insecure-public",
         action="store_true",
@@ -85,9 +115,14 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; see the module docstring for exit codes."""
+    from ..runtime import config_from_args as runtime_config
+
     try:
         config = config_from_args(args)
         insecure = check_bind(config.host, config.token, config.allow_insecure_public)
+        runtime_config(args)
+        if args.upstream == "openai" and not os.environ.get("OPENAI_API_KEY"):
+            raise ValueError("--upstream openai needs OPENAI_API_KEY in the environment")
     except (InsecureBindError, ValueError) as exc:
         print(f"voiceactors: {exc}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ from .connection import ConnectError, Endpoint, UpstreamConnection, open_upstrea
 from .pool import BreakerRegistry, WarmPool
 from .replay import ReplayLog
 
-__all__ = ["UpstreamActor", "UpstreamConfig"]
+__all__ = ["Drain", "UpstreamActor", "UpstreamConfig"]
 
 log = logging.getLogger("voiceactors.upstream")
 
@@ -85,6 +85,20 @@ class UpstreamConfig:
     heartbeat_timeout: float = 5.0
     max_pending_audio_ms: float = 30_000.0
     max_items: int = 64
+
+
+class Drain:
+    """Put on the inbox to learn when everything queued before it was taken.
+
+    ``reached`` is set once the pump has recorded (and, when connected, sent) every
+    message ahead of it: a client that hangs up right after its last frame still has that
+    frame delivered before the session ends.
+    """
+
+    __slots__ = ("reached",)
+
+    def __init__(self) -> None:
+        self.reached = trio.Event()
 
 
 class _Conn:
@@ -140,10 +154,20 @@ class UpstreamActor:
         self._pending_response = False
         self._pending_commit = False
         self._first_session_event_sent = False
+        self._client_updates = 0  # session.update events whose session.updated the client awaits
         self._expiring = False
         self._failure: EndSession | None = None
         self._opening: dict[str, trio.CancelScope] = {}
         self._send_lock = trio.Lock()
+
+    def input_origin_ms(self) -> float:
+        """Session input ms at which the current connection's audio timeline starts.
+
+        The upstream's ``audio_start_ms``/``audio_end_ms`` count from its own first audio;
+        adding this maps them onto the session's input timeline (0 before any reconnect).
+        """
+        cur = self.slots["current"]
+        return cur.audio_origin_ms if cur is not None else self.log.audio.start_ms
 
     # -- the driver -----------------------------------------------------------------------
 
@@ -427,9 +451,16 @@ class UpstreamActor:
                     self._expiring = True
                     return False  # we reconnect; the client need not know
             case SessionCreated() | SessionUpdated():
+                # The first one tells the client its session exists; after that only the
+                # answers to its own updates (not to our configure and replays) reach it.
                 first = not self._first_session_event_sent
                 self._first_session_event_sent = True
-                return first
+                if first:
+                    return True
+                if isinstance(event, SessionUpdated) and self._client_updates > 0:
+                    self._client_updates -= 1
+                    return True
+                return False
         return True
 
     async def _lost_response(self) -> None:
@@ -481,6 +512,9 @@ class UpstreamActor:
     def _record(self, msg: Any) -> Any:
         """Record ``msg`` in the replay log; return the client event to send (or None)."""
         match msg:
+            case Drain(reached=reached):
+                reached.set()
+                return None
             case AudioFrame(pcm=pcm, b64=b64):
                 text = b64 if b64 is not None else base64.b64encode(pcm).decode("ascii")
                 self.log.audio.append(text, len(pcm))
@@ -490,6 +524,8 @@ class UpstreamActor:
                 return msg
             case SessionUpdate(session=session):
                 self.log.update_session(session)
+                if self.ready:
+                    self._client_updates += 1
                 return msg
             case ConversationItemCreate(item=item):
                 recorded = self.log.add_item(item)
