@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from voiceactors.audio.wav import read_wav
 from voiceactors.machines.turn import TurnConfig
+from voiceactors.realtime import events as ev
 from voiceactors.runtime import RuntimeConfig
 from voiceactors.runtime.playback import PlayoutClock, b64_len
 from voiceactors.sim.config import SimConfig
@@ -253,10 +254,11 @@ async def test_barge_in_truncates_at_what_was_played(
     # What the user heard, to the ms; never more than the device received.
     assert abs(truncated["audio_end_ms"] - device.played_at_clear) <= 1.0
     assert truncated["audio_end_ms"] <= device.received[item]
-    # The flush came min speech after the labelled onset (within the VAD's precision), not
-    # a network round trip later.
+    # The flush came min speech after the labelled onset (within the VAD's 60 ms and a few
+    # 20 ms frames of scheduling), not after the server's VAD (its prefix padding and a
+    # round trip later).
     latency = device.cleared_at - onset
-    assert 0.3 - 0.06 <= latency <= 0.3 + 0.06
+    assert 0.3 - 0.06 <= latency <= 0.3 + 0.1
 
 
 async def test_a_cough_pauses_and_resumes_without_losing_the_answer(
@@ -287,3 +289,41 @@ async def test_a_cough_pauses_and_resumes_without_losing_the_answer(
     done = [e for e in device.events if e["type"] == "response.done"][0]
     assert done["response"]["status"] == "completed"
     assert sum(device.received.values()) > 3000
+
+
+async def test_a_tool_call_is_answered_server_side_and_the_agent_goes_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The order script's second turn calls ``place_order``: the runtime's tool-runner
+    answers it once, asks for the follow-up after the calling response is done, and the
+    client hears the confirmation."""
+    from voiceactors.sim.script import load_script
+
+    script = load_script(Path(__file__).parent.parent / "specs/sim-examples/order.toml")
+    sim = SimConfig(first_byte_ms=200.0, speed=4.0, chunk_ms=100, script=script)
+    with trio.fail_after(120):
+        async with open_gateway(RuntimeConfig(sim=sim)) as gw, connect_client(gw.url) as client:
+            device = Device(client)
+            await client.ws.get_message()
+            await stream(client, speech("order_24k.wav") + bytes(CHUNK * 50))
+            await device.listen("response.done")
+            await stream(client, speech("confirm_24k.wav") + bytes(CHUNK * 50))
+            await device.listen("response.done")  # the one that called the tool
+            await device.listen("response.done")  # the follow-up after its output
+            received = [e for c in gw.runtime.sim.sim.connections for e in c.received_events]
+    calls = [e for e in device.events if e["type"] == "response.function_call_arguments.done"]
+    assert [c["name"] for c in calls] == ["place_order"]
+    outputs = [
+        e
+        for e in received
+        if isinstance(e, ev.ConversationItemCreate)
+        and isinstance(e.item, ev.FunctionCallOutputItem)
+    ]
+    assert len(outputs) == 1 and outputs[0].item.call_id == calls[0]["call_id"]
+    assert json.loads(outputs[0].item.output)["ready_in_minutes"] == 10
+    said = [
+        e["transcript"]
+        for e in device.events
+        if e["type"] == "response.output_audio_transcript.done"
+    ]
+    assert said[-1] == "Your order is placed. It will be ready in ten minutes."

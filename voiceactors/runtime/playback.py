@@ -199,6 +199,7 @@ class Playback:
         self.first_audio: set[str] = set()  # responses whose first audio went out
         self.response_id: str | None = None
         self.response_active = False
+        self.tool_responses: set[str] = set()  # responses with calls the runner answers
         self.out_format: Format = PCM24K
         self.converter: Converter | None = None
         self.session_seen = False
@@ -256,6 +257,11 @@ class Playback:
                     self.response_active = False
                 await self._forward(item)
                 await self._feed(turn.ResponseDone(response_id=rid or "", status=status or ""), now)
+                if rid in self.tool_responses:
+                    # The runner asks for the follow-up only once this response is over
+                    # (earlier: conversation_already_has_active_response).
+                    self.tool_responses.discard(rid)
+                    await self.tools.send(msg.ResponseDone(response_id=rid, status=status or ""))
             case ev.InputAudioBufferSpeechStarted(audio_start_ms=start):
                 origin = self.upstream.input_origin_ms()
                 onset_ms = origin + start + self.prefix_padding_ms
@@ -277,6 +283,8 @@ class Playback:
                 await self._forward(item)
             case ev.ResponseFunctionCallArgumentsDone() if item.name in self.tool_names:
                 self.ctx.tool_calls += 1
+                if len(self.tool_responses) < 64:
+                    self.tool_responses.add(item.response_id)
                 await self.tools.send(
                     msg.ToolCall(
                         call_id=item.call_id,

@@ -43,7 +43,7 @@ from .client import ClientLink, ClientPort
 from .config import RuntimeConfig
 from .context import SessionContext, Truncation, TurnTiming
 from .playback import Playback
-from .tools import ToolRegistry, ToolRunner, demo_tools
+from .tools import ToolMetrics, ToolRegistry, ToolRunner, demo_tools
 from .watchdog import Watchdog
 
 __all__ = ["Runtime", "RuntimeError_", "SessionReport", "open_runtime_from_config"]
@@ -153,6 +153,7 @@ class Runtime:
         self.metrics = metrics
         self.sim = sim
         self._m = _Metrics(metrics)
+        self._tool_metrics = ToolMetrics(metrics)
         self._rng = rng or random.Random()
         self.session_defaults = default_session(config, tools)
 
@@ -192,7 +193,7 @@ class Runtime:
             config=cfg.upstream_config,
             rng=random.Random(self._rng.random()),
         )
-        runner = ToolRunner(self.tools, up.sender)
+        runner = ToolRunner(self.tools, up.sender, metrics=self._tool_metrics)
         capture = Capture(ctx, cfg, link, up.sender, play.sender, info.rate_limiter)
         playback = Playback(
             ctx,
@@ -201,10 +202,8 @@ class Runtime:
             up.sender,
             calls.sender,
             upstream,
-            tool_names=frozenset(t.name for t in self.tools.definitions()),
-            cancel_tools=lambda only: (
-                runner.cancel_interruptible() if only else runner.cancel_all()
-            ),
+            tool_names=self.tools.names(),
+            cancel_tools=runner.cancel,
         )
         watchdog = Watchdog(ctx, cfg, self._m.loop_lag.observe)
         session.actor("capture", capture.run, port, ends_session="client_closed")
@@ -321,10 +320,8 @@ async def open_runtime_from_config(
     """
     registry = tools if tools is not None else ToolRegistry()
     if config.uses_demo_tools:
-        demo = demo_tools()
-        for definition in demo.definitions():
-            tool = demo.get(definition.name)
-            if tool is not None and definition.name not in registry:
+        for tool in demo_tools():
+            if tool.name not in registry:
                 registry.add(tool)
     if config.upstream != "sim":
         endpoint_for(config, None)  # fail before starting anything

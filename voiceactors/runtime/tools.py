@@ -341,13 +341,12 @@ def _child(make: Callable[[], Any]) -> Any:
 class _Call:
     """A call holding a slot: its cancel scope and why it was cancelled, if it was."""
 
-    __slots__ = ("args", "call", "group", "reason", "scope", "tool")
+    __slots__ = ("args", "call", "reason", "scope", "tool")
 
-    def __init__(self, call: messages.ToolCall, tool: Tool, args: Any, group: object) -> None:
+    def __init__(self, call: messages.ToolCall, tool: Tool, args: Any) -> None:
         self.call = call
         self.tool = tool
         self.args = args
-        self.group = group
         self.scope = trio.CancelScope(deadline=trio.current_time() + tool.timeout)
         self.reason: str | None = None  # "cancelled" once barge-in cancelled it
 
@@ -480,7 +479,7 @@ class ToolRunner:
             self._count(call.name if call.name in self.registry else "unknown", "duplicate")
             return None
         self._remember(cid)
-        group = self._join_group(call)
+        self._join_group(call)
         tool = self.registry.get(call.name)
         if tool is None:
             self.stats.unknown_tool += 1
@@ -503,7 +502,7 @@ class ToolRunner:
             if hit is not None:
                 self.stats.cache_hits += 1
                 return hit, "cached", tool.name
-        running = _Call(call, tool, args, group)
+        running = _Call(call, tool, args)
         self._running[cid] = running
         return running
 
@@ -525,16 +524,15 @@ class ToolRunner:
         except RecursionError:
             raise _BadArguments("arguments are nested too deeply") from None
 
-    def _join_group(self, call: messages.ToolCall) -> object:
+    def _join_group(self, call: messages.ToolCall) -> None:
         rid = call.response_id
-        key: object = rid if rid else ("", call.call_id)
+        key = _group_key(call)
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(sealed=not rid or rid in self._done)
             if len(self._groups) > _MAX_OPEN_GROUPS:
                 self._abandon_one()
         group.pending += 1
-        return key
 
     def _abandon_one(self) -> None:
         # The oldest group with nothing pending has waited longest for a response.done
@@ -638,7 +636,7 @@ class ToolRunner:
         await self._send(ConversationItemCreate(item=item))
         self._remember(call.call_id)
         # Decide synchronously (the group leaves the table), then act.
-        key: object = call.response_id if call.response_id else ("", call.call_id)
+        key = _group_key(call)
         group = self._groups.get(key)
         if group is None:  # abandoned meanwhile
             return
@@ -680,6 +678,11 @@ class ToolRunner:
 
 class _BadArguments(Exception):
     pass
+
+
+def _group_key(call: messages.ToolCall) -> object:
+    # A call without a response id is a group of its own.
+    return call.response_id if call.response_id else ("", call.call_id)
 
 
 def _cache_key(tool: Tool, args: Any) -> tuple[str, bytes] | None:
