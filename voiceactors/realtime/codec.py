@@ -158,7 +158,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(name)
 
 
-def _check_duplicates(data: bytes) -> None:
+def _check_duplicates(data: bytes, event_id: str | None = None) -> None:
     """Second pass over an already-valid, depth-bounded document: duplicate keys only.
 
     msgspec keeps the last of duplicate keys silently; a client relying on the first would
@@ -168,7 +168,10 @@ def _check_duplicates(data: bytes) -> None:
         json.loads(data, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant)
     except _Duplicate as d:
         raise ProtocolError(
-            "invalid_json", f"Invalid JSON: the key '{d.key}' appears more than once."
+            "invalid_json",
+            f"Invalid JSON: the key '{d.key}' appears more than once.",
+            None,
+            event_id,
         ) from None
     except (ValueError, RecursionError):
         # msgspec accepted it; stdlib limits differ (e.g. int digits). Not a duplicate.
@@ -340,7 +343,7 @@ class ClientEventDecoder:
         except msgspec.ValidationError as e:
             raise _from_validation(e, event_id) from None
         if self.strict:
-            _check_duplicates(data)
+            _check_duplicates(data, event_id)
             if param := unknown_parameter(obj, cls):
                 raise ProtocolError(
                     "unknown_parameter", f"Unknown parameter: '{param}'.", param, event_id

@@ -125,7 +125,11 @@ class Capture:
     async def _audio(self, event: ev.InputAudioBufferAppend, now: float) -> None:
         ctx = self.ctx
         fmt = ctx.input_format
-        raw = codec.b64decode_strict(event.audio)
+        try:
+            raw = codec.b64decode_strict(event.audio)
+        except codec.ProtocolError as exc:
+            exc.event_id = event.event_id or None
+            raise
         if not raw:
             raise codec.ProtocolError(
                 "invalid_value", "Audio chunk is empty.", "audio", event.event_id or None

@@ -260,13 +260,12 @@ class Runtime:
         """Tell the client why the server ended its session, then close."""
         if summary.reason == "client_closed":
             return
-        if summary.code != 1000:
-            kind = "server_error" if summary.code in (1011, 1013) else "invalid_request_error"
-            text = summary.detail or summary.reason
-            try:
-                await link.error(summary.reason, f"Session ended: {text}", type=kind)
-            except Exception:  # the client is gone or not reading: the close says enough
-                pass
+        kind = "server_error" if summary.code in (1011, 1013) else "invalid_request_error"
+        text = summary.detail or summary.reason
+        try:
+            await link.error(summary.reason, f"Session ended: {text}", type=kind)
+        except Exception:  # the client is gone or not reading: the close says enough
+            pass
         await link.close(summary.code, summary.reason)
 
 

@@ -183,9 +183,10 @@ class UpstreamActor:
         finally:
             ctl.close()
             self.ready = False
+            hurry = trio.current_effective_deadline() == -math.inf
             with trio.CancelScope(shield=True):
                 for slot in ("next", "current"):
-                    await self._close_slot(slot, 1000, "session over")
+                    await self._close_slot(slot, 1000, "session over", hurry=hurry)
 
     async def _drive(self, ctl: trio.MemoryReceiveChannel[Any]) -> None:
         await self._feed(rc.Start())
@@ -282,12 +283,12 @@ class UpstreamActor:
                 scope.cancel()
             self._opening.clear()
 
-    async def _close_slot(self, which: str, code: int, reason: str) -> None:
+    async def _close_slot(self, which: str, code: int, reason: str, *, hurry: bool = False) -> None:
         c = self.slots[which]
         self.slots[which] = None
         if c is not None:
             c.scope.cancel()
-            await c.conn.aclose(code, reason)
+            await c.conn.aclose(code, reason, hurry=hurry)
 
     # -- opening ------------------------------------------------------------------------
 
@@ -343,8 +344,9 @@ class UpstreamActor:
             await self._ctl.send((c, rc.Connected()))
             await self._serve_conn(c)
         finally:
+            hurry = trio.current_effective_deadline() == -math.inf  # we are being cancelled
             with trio.CancelScope(shield=True):
-                await conn.aclose(1000, "released")
+                await conn.aclose(1000, "released", hurry=hurry)
 
     async def _replay(self, *, first: bool) -> None:
         """Bring ``current`` up to date, then let the pump send to it."""

@@ -147,10 +147,16 @@ class UpstreamConnection:
     async def ping(self) -> None:
         await self._ws.ping()
 
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        """Close (bounded to 2 s, shielded) and release the connection to its holder."""
+    async def aclose(self, code: int = 1000, reason: str = "", *, hurry: bool = False) -> None:
+        """Close (bounded, shielded) and release the connection to its holder.
+
+        The close handshake may take 2 s. With ``hurry`` (the caller is being cancelled:
+        its session is over, and the reader that would take the peer's reply is going
+        away too) the close frame is sent and the socket dropped after a brief wait.
+        """
+        bound = 0.05 if hurry else 2.0
         try:
-            with trio.move_on_after(2.0) as scope:
+            with trio.move_on_after(bound) as scope:
                 scope.shield = True
                 await self._ws.aclose(code, reason)
         finally:
