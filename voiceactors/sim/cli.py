@@ -8,6 +8,7 @@ bad options: one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from collections.abc import Sequence
@@ -39,13 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-session-s", type=float, default=3600.0, help="session_expired after (3600)"
     )
     parser.add_argument("--api-key", help="require this key (default: accept any)")
+    parser.add_argument(
+        "--mirror",
+        action="store_true",
+        help="benchmark reflector, not Realtime behaviour: answer every audio append at once "
+        "with an output audio delta of the same bytes (tools/bench_relay.py)",
+    )
 
 
 def _config(args: argparse.Namespace) -> SimConfig:
     script = load_script(args.script) if args.script else None
     faults = load_fault_plan(args.faults) if args.faults else FaultPlan()
     try:
-        return SimConfig(
+        config = SimConfig(
             script=script,
             faults=faults,
             seed=args.seed,
@@ -53,9 +60,12 @@ def _config(args: argparse.Namespace) -> SimConfig:
             speed=args.speed,
             max_session_s=args.max_session_s,
             api_key=args.api_key,
+            mirror=args.mirror,
         )
     except ValueError as e:
         raise ScriptError(str(e)) from None
+    # Nobody reads a served mirror's records; under benchmark load they would only grow.
+    return dataclasses.replace(config, max_recorded_events=0) if config.mirror else config
 
 
 async def _serve(sim: Simulator, host: str, port: int) -> None:

@@ -43,6 +43,12 @@ class SimConfig:
     real API (``auth_failure="error"``: handshake accepted, ``error`` with code
     ``invalid_api_key``, close 3000 ``invalid_request_error.invalid_api_key``) or refused at
     the handshake with HTTP 401 (``auth_failure="reject"``).
+
+    ``mirror`` makes the session a latency reflector for benchmarks (``tools/bench_relay.py``),
+    not a model of the Realtime API: turn detection starts off, the first
+    ``input_audio_buffer.append`` opens one standing response, and every append is answered
+    at once by a ``response.output_audio.delta`` carrying the append's base64 text unchanged
+    (not decoded, validated, recorded or paced). Other client events behave as usual.
     """
 
     script: Script | None = None
@@ -65,6 +71,7 @@ class SimConfig:
     max_held_events: int = 4096
     close_timeout_s: float = 2.0
     epoch: float | None = None
+    mirror: bool = False
 
     def __post_init__(self) -> None:
         if self.speed <= 0:

@@ -128,6 +128,9 @@ class RealtimeSession:
         self._audio_out_started = False
         self._requests_left = 5000
         self._tokens_left = 400_000
+        # SimConfig.mirror: the standing response and the fields of its audio deltas.
+        self._mirror_run: _Running | None = None
+        self._mirror_fields: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ ids & config
 
@@ -147,7 +150,7 @@ class RealtimeSession:
                     format=ev.AudioFormat(type="audio/pcm", rate=24000),
                     transcription=None,
                     noise_reduction=None,
-                    turn_detection=self.cfg.turn_detection,
+                    turn_detection=None if self.cfg.mirror else self.cfg.turn_detection,
                 ),
                 output=ev.AudioOutput(
                     format=ev.AudioFormat(type="audio/pcm", rate=24000),
@@ -287,6 +290,9 @@ class RealtimeSession:
     # ------------------------------------------------------------------ input audio
 
     async def _append(self, e: ev.InputAudioBufferAppend) -> None:
+        if self.cfg.mirror:
+            await self._mirror(e)
+            return
         try:
             data = codec.b64decode_strict(e.audio)
         except codec.ProtocolError as err:
@@ -319,6 +325,53 @@ class RealtimeSession:
                 del self._buf[:cut]
                 self._buf_start_ms += self._fmt_in.ms(cut)
         self._bound_buffer()
+
+    async def _mirror(self, e: ev.InputAudioBufferAppend) -> None:
+        """Benchmark reflector (``SimConfig.mirror``): answer the append at once with an
+        audio delta carrying the same base64 text, in one standing response.
+
+        The text is neither decoded nor checked: the benchmark times the path, not this.
+        The first append (and the first after a ``response.cancel``) opens the response;
+        while a response the client created is streaming, appends are not answered.
+        """
+        if self._active is None:
+            await self._open_mirror()
+        run = self._active
+        if run is None or run is not self._mirror_run:
+            return
+        await self._emit(ev.ResponseOutputAudioDelta(delta=e.audio, **self._mirror_fields))
+        # Duration from the text length (padding ignored): truncate and usage stay meaningful.
+        ms = self._fmt_in.ms(len(e.audio) // 4 * 3)
+        run.audio_ms += ms
+        if (ci := self._items.get(self._mirror_fields["item_id"])) is not None:
+            ci.audio_ms += ms
+
+    async def _open_mirror(self) -> None:
+        run = _Running(
+            id=self.new_id("resp"),
+            scope=trio.CancelScope(),
+            modalities=["audio"],
+            in_conversation=True,
+        )
+        self._active = self._mirror_run = run
+        await self._emit(ev.ResponseCreated(response=self._response_obj(run, "in_progress")))
+        item_id = self.new_id("item")
+        item = ev.MessageItem(
+            id=item_id, object="realtime.item", status="in_progress", role="assistant", content=[]
+        )
+        await self._item_added(run, item)
+        self._mirror_fields = {
+            "response_id": run.id,
+            "item_id": item_id,
+            "output_index": run.current_index,
+            "content_index": 0,
+        }
+        await self._emit(
+            ev.ResponseContentPartAdded(
+                part=ev.ResponsePart(type="audio", transcript=""), **self._mirror_fields
+            )
+        )
+        self._audio_out_started = True
 
     def _record_audio(self, data: bytes) -> None:
         self.rec.received_audio_bytes += len(data)
