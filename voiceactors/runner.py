@@ -55,8 +55,7 @@ from .realtime import events as ev
 
 if TYPE_CHECKING:  # the runtime is imported when a session runs, not by the CLI's parser
     from .runtime import RuntimeConfig, SessionReport
-    from .sim import Script
-    from .testing.sim import RunningSimulator
+    from .sim import RunningSimulator, Script
 
 __all__ = [
     "FORMATS",

@@ -35,8 +35,7 @@ from .. import metrics as m
 from ..channels import Full
 from ..realtime import events as ev
 from ..session import Session, SessionSummary
-from ..sim import Simulator
-from ..testing.sim import RunningSimulator
+from ..sim import RunningSimulator, Simulator
 from ..upstream import BreakerRegistry, Endpoint, UpstreamActor, WarmPool
 from .capture import Capture
 from .client import ClientLink, ClientPort

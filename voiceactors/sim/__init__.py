@@ -19,12 +19,14 @@ from .script import Script as Script
 from .script import ScriptError as ScriptError
 from .script import load_script as load_script
 from .script import parse_script as parse_script
+from .server import RunningSimulator as RunningSimulator
 from .server import Simulator as Simulator
 from .server import serve_simulator as serve_simulator
 from .session import ConnectionRecord as ConnectionRecord
 from .vad import threshold_to_dbfs as threshold_to_dbfs
 
 __all__ = [
+    "RunningSimulator",
     "ConnectionRecord",
     "Fault",
     "FaultPlan",

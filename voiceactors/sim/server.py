@@ -482,3 +482,21 @@ async def serve_simulator(
     """
     sim = simulator if simulator is not None else Simulator(**config)
     await sim.serve(host, port, task_status=task_status)
+
+
+@dataclass(frozen=True, slots=True)
+class RunningSimulator:
+    """A simulator serving on 127.0.0.1:``port`` (see ``testing.sim.open_simulator``)."""
+
+    sim: Simulator
+    port: int
+
+    @property
+    def url(self) -> str:
+        """``ws://127.0.0.1:PORT/v1/realtime`` (add ``?model=...`` to connect)."""
+        return f"ws://127.0.0.1:{self.port}/v1/realtime"
+
+    @property
+    def base_url(self) -> str:
+        """``ws://127.0.0.1:PORT/v1``: the ``websocket_base_url`` for the openai SDK."""
+        return f"ws://127.0.0.1:{self.port}/v1"

@@ -14,7 +14,6 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,15 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from ..sim import FaultPlan, Script, SimConfig, Simulator, load_fault_plan, load_script
+from ..sim import (
+    FaultPlan,
+    RunningSimulator,
+    Script,
+    SimConfig,
+    Simulator,
+    load_fault_plan,
+    load_script,
+)
 
 __all__ = [
     "RealtimeTestClient",
@@ -31,22 +38,6 @@ __all__ = [
     "open_simulator",
     "realtime_sim",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class RunningSimulator:
-    sim: Simulator
-    port: int
-
-    @property
-    def url(self) -> str:
-        """``ws://127.0.0.1:PORT/v1/realtime`` (add ``?model=...`` to connect)."""
-        return f"ws://127.0.0.1:{self.port}/v1/realtime"
-
-    @property
-    def base_url(self) -> str:
-        """``ws://127.0.0.1:PORT/v1``: the ``websocket_base_url`` for the openai SDK."""
-        return f"ws://127.0.0.1:{self.port}/v1"
 
 
 @asynccontextmanager
