@@ -11,6 +11,7 @@ import argparse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from ..sim.config import SimConfig
 from .client import ClientDecoder, ClientLink, ClientPort, PlaybackReport
 from .config import SERVER_OWNED_FIELDS, PlaybackConfig, RuntimeConfig
 from .service import Runtime, RuntimeError_, SessionReport, open_runtime_from_config
@@ -41,7 +42,8 @@ def config_from_args(args: argparse.Namespace) -> RuntimeConfig:
             fields[name] = value
     if getattr(args, "allow_client_session", False):
         fields["allow_client_session"] = True
-    return RuntimeConfig(**fields)
+    # A served simulator keeps no records: nobody reads them, and they grow per session.
+    return RuntimeConfig(sim=SimConfig().unrecorded(), **fields)
 
 
 @asynccontextmanager

@@ -8,7 +8,6 @@ bad options: one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
 from collections.abc import Sequence
@@ -64,8 +63,8 @@ def _config(args: argparse.Namespace) -> SimConfig:
         )
     except ValueError as e:
         raise ScriptError(str(e)) from None
-    # Nobody reads a served mirror's records; under benchmark load they would only grow.
-    return dataclasses.replace(config, max_recorded_events=0) if config.mirror else config
+    # Nobody reads a served simulator's records; they would only grow.
+    return config.unrecorded()
 
 
 async def _serve(sim: Simulator, host: str, port: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..realtime.events import TurnDetection
@@ -68,6 +69,13 @@ class SimConfig:
     max_recorded_events: int = 100_000
     max_recorded_audio_bytes: int = 256 * 1024 * 1024
     max_connections_recorded: int = 10_000
+
+    def unrecorded(self) -> SimConfig:
+        """This config with recording off: for a served simulator nobody inspects (the CLI,
+        ``serve``'s embedded one), whose records would otherwise grow with every session."""
+        return dataclasses.replace(
+            self, max_recorded_events=0, max_recorded_audio_bytes=0, max_connections_recorded=0
+        )
     max_held_events: int = 4096
     close_timeout_s: float = 2.0
     epoch: float | None = None
