@@ -327,3 +327,36 @@ async def test_a_tool_call_is_answered_server_side_and_the_agent_goes_on(
         if e["type"] == "response.output_audio_transcript.done"
     ]
     assert said[-1] == "Your order is placed. It will be ready in ten minutes."
+
+
+@pytest.mark.parametrize("pool", [0, 2], ids=["cold", "warm-pool"])
+async def test_an_early_session_update_is_answered(
+    autojump_clock: trio.testing.MockClock, pool: int
+) -> None:
+    """A client that sends ``session.update`` before its upstream is ready (as SDK code
+    usually does, right after connecting) still gets ``session.created`` and then its
+    ``session.updated``, showing what it asked for; so does a later one."""
+    from voiceactors.upstream import PoolConfig
+
+    cfg = config(pool=PoolConfig(size=pool))
+    update = {
+        "type": "session.update",
+        "session": {"type": "realtime", "audio": {"output": {"speed": 1.25}}},
+    }
+    with trio.fail_after(30):
+        async with open_gateway(cfg) as gw:
+            if pool:
+                await gw.runtime.pool.wait_filled()
+            async with connect_client(gw.url) as client:
+                await client.send(update)
+                created = await client.recv()
+                updated = await client.recv()
+                await client.send(
+                    {**update, "session": {"type": "realtime", "audio": {"output": {"speed": 0.9}}}}
+                )
+                again = await client.recv()
+    assert created["type"] == "session.created"
+    assert updated["type"] == "session.updated"
+    assert updated["session"]["audio"]["output"]["speed"] == 1.25
+    assert again["type"] == "session.updated"
+    assert again["session"]["audio"]["output"]["speed"] == 0.9

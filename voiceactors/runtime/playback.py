@@ -70,6 +70,8 @@ _IMMEDIATE = (
 )
 
 
+_NOTHING: Any = object()  # no message arrived before the deadline
+
 # Slack for float rounding between the pacing deadline and the lead it was computed from;
 # without it a deadline could wake the loop to find the lead a hair too large, forever.
 _EPS_MS = 0.01
@@ -213,11 +215,20 @@ class Playback:
         machine = self.machine
         while True:
             deadline = min(machine.next_deadline(), self._pace_deadline())
-            with trio.move_on_at(deadline):
-                try:
+            item: Any = _NOTHING
+            try:
+                if deadline == math.inf:
+                    # Only a message can change anything: wait without a cancel scope (one
+                    # costs ~5 us, and this wait happens for most messages).
                     item = await inbox.receive()
-                except trio.EndOfChannel:
-                    return
+                else:
+                    # Only the wait is bounded: handling a message must never be cut short
+                    # by the next deadline (a half-sent response event would be lost).
+                    with trio.move_on_at(deadline):
+                        item = await inbox.receive()
+            except trio.EndOfChannel:
+                return
+            if item is not _NOTHING:
                 await self._on(item, trio.current_time())
             now = trio.current_time()
             if now >= machine.next_deadline():

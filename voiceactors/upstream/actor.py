@@ -30,6 +30,7 @@ import base64
 import logging
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,7 @@ from ..realtime import (
     ResponseCreated,
     ResponseDone,
     ResponseFunctionCallArgumentsDone,
+    ResponseOutputAudioDelta,
     ResponseOutputAudioTranscriptDone,
     Session,
     SessionCreated,
@@ -154,7 +156,9 @@ class UpstreamActor:
         self._pending_response = False
         self._pending_commit = False
         self._first_session_event_sent = False
-        self._client_updates = 0  # session.update events whose session.updated the client awaits
+        # session.updates sent on this connection, unanswered: was each the client's?
+        self._updates: deque[bool] = deque(maxlen=64)
+        self._client_update_waiting = False  # a client update to be answered by the next replay
         self._expiring = False
         self._failure: EndSession | None = None
         self._opening: dict[str, trio.CancelScope] = {}
@@ -323,7 +327,8 @@ class UpstreamActor:
                     recorded = True
                     await self._hold(which, conn)
             except ConnectError as exc:
-                if exc.status in (401, 403):  # a bad key is not an outage
+                if exc.status in (401, 403) or exc.code in rc.FATAL_CODES:
+                    # A bad key or quota is not an outage: no verdict for the breaker.
                     self.breaker.release(trio.current_time())
                 else:
                     self.breaker.record(False, trio.current_time() - started, trio.current_time())
@@ -360,7 +365,16 @@ class UpstreamActor:
                     if not first
                     else ([self.log.session_update()] if self.log.session else [])
                 )
+                # Updates the client made while we were not connected (or that this new
+                # connection never answered) are merged into the replayed one: the client
+                # gets one session.updated for all of them.
+                waiting = self._client_update_waiting or any(self._updates)
+                self._client_update_waiting = False
+                self._updates.clear()
                 for event in events:
+                    if isinstance(event, SessionUpdate):
+                        self._updates.append(waiting)
+                        waiting = False
                     await c.conn.send(event)
                 c.audio_origin_ms = self.log.audio.start_ms
                 for b64 in self.log.audio:
@@ -399,7 +413,9 @@ class UpstreamActor:
                         log.warning("bad upstream frame ignored: %s", exc)
                         continue
                     self.last_event_at = trio.current_time()
-                    if await self._observe(c, event):
+                    # Audio deltas, most of the traffic, change no state here: dispatch on
+                    # their type before walking the match in _observe.
+                    if type(event) is ResponseOutputAudioDelta or await self._observe(c, event):
                         try:
                             await self._out.send(event)
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -457,12 +473,14 @@ class UpstreamActor:
                 # answers to its own updates (not to our configure and replays) reach it.
                 first = not self._first_session_event_sent
                 self._first_session_event_sent = True
-                if first:
-                    return True
-                if isinstance(event, SessionUpdated) and self._client_updates > 0:
-                    self._client_updates -= 1
-                    return True
-                return False
+                # session.updated answers the session.updates sent on this connection in
+                # order; the client hears the answers to its own, not to our configure.
+                answers = False
+                if isinstance(event, SessionUpdated) and self._updates:
+                    answers = self._updates.popleft()
+                if answers and first:  # the client's update went out with our configure
+                    await self._out.send(SessionCreated(session=event.session))
+                return first or answers
         return True
 
     async def _lost_response(self) -> None:
@@ -498,9 +516,16 @@ class UpstreamActor:
     # -- the pump (session -> upstream) ------------------------------------------------------
 
     async def _pump(self, inbox: trio.MemoryReceiveChannel[Any]) -> None:
+        lock = self._send_lock
         async with inbox:
             async for msg in inbox:
-                async with self._send_lock:
+                # Receiving just checkpointed and the send below checkpoints again, so the
+                # lock is taken without its own schedule point unless a replay holds it.
+                try:
+                    lock.acquire_nowait()
+                except trio.WouldBlock:
+                    await lock.acquire()
+                try:
                     event = self._record(msg)
                     if event is None:
                         continue
@@ -510,24 +535,29 @@ class UpstreamActor:
                             await c.conn.send(event)
                         except trio_websocket.ConnectionClosed:
                             self.ready = False  # recorded above; replayed after reconnect
+                finally:
+                    lock.release()
 
     def _record(self, msg: Any) -> Any:
         """Record ``msg`` in the replay log; return the client event to send (or None)."""
+        if type(msg) is AudioFrame:  # the hot path, ahead of the match below
+            pcm, b64 = msg.pcm, msg.b64
+            text = b64 if b64 is not None else base64.b64encode(pcm).decode("ascii")
+            self.log.audio.append(text, len(pcm))
+            return InputAudioBufferAppend(audio=text)
         match msg:
             case Drain(reached=reached):
                 reached.set()
                 return None
-            case AudioFrame(pcm=pcm, b64=b64):
-                text = b64 if b64 is not None else base64.b64encode(pcm).decode("ascii")
-                self.log.audio.append(text, len(pcm))
-                return InputAudioBufferAppend(audio=text)
             case InputAudioBufferAppend(audio=text):
                 self.log.audio.append(text, len(text) * 3 // 4 - text[-2:].count("="))
                 return msg
             case SessionUpdate(session=session):
                 self.log.update_session(session)
-                if self.ready:
-                    self._client_updates += 1
+                if self.ready and self.slots["current"] is not None:
+                    self._updates.append(True)
+                else:  # merged into the update the next replay sends
+                    self._client_update_waiting = True
                 return msg
             case ConversationItemCreate(item=item):
                 recorded = self.log.add_item(item)

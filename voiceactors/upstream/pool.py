@@ -19,6 +19,7 @@ import trio_websocket
 
 from ..machines.breaker import BreakerMachine, CircuitOpen
 from ..machines.breaker import Config as BreakerConfig
+from ..realtime import ErrorEvent, ProtocolError, SessionUpdated
 from .connection import ConnectError, Endpoint, UpstreamConnection, open_upstream
 
 __all__ = ["BreakerRegistry", "PoolConfig", "WarmPool"]
@@ -175,9 +176,21 @@ class WarmPool:
         """Hold one connection open until whoever has it (pool or session) releases it."""
         async with open_upstream(self.endpoint, timeout=self.config.connect_timeout) as conn:
             if self._configure is not None:
+                # Configured means acknowledged: the session.updated is taken here, so the
+                # session that takes the connection does not mistake it for an answer to
+                # its client's own update.
                 try:
-                    await conn.send(self._configure)
-                except trio_websocket.ConnectionClosed:
+                    with trio.fail_after(self.config.connect_timeout):
+                        await conn.send(self._configure)
+                        while not isinstance(event := await conn.receive(), SessionUpdated):
+                            if isinstance(event, ErrorEvent):
+                                raise ConnectError(
+                                    f"configure refused: {event.error.message}",
+                                    code=event.error.code or "",
+                                )
+                except (trio_websocket.ConnectionClosed, ProtocolError):
                     raise ConnectError("closed while configuring") from None
+                except trio.TooSlowError:
+                    raise ConnectError("no session.updated for the configure") from None
             task_status.started(conn)
             await conn.released.wait()
