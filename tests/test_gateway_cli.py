@@ -170,3 +170,21 @@ async def test_serve_refuses_openai_without_a_key() -> None:
         )
     assert done.returncode == 2
     assert b"OPENAI_API_KEY" in done.stderr
+
+
+def test_lead_and_runtime_options_reach_the_runtime_config() -> None:
+    from voiceactors.runtime import config_from_args as runtime_config
+
+    args = parse("--lead-ms", "60,200", "--vad-profile", "noisy", "--instructions", "Be brief.")
+    cfg = runtime_config(args)
+    assert (cfg.playback.min_lead_ms, cfg.playback.max_lead_ms) == (60.0, 200.0)
+    assert (cfg.vad_profile, cfg.instructions, cfg.upstream) == ("noisy", "Be brief.", "sim")
+    assert cfg.sim.max_connections_recorded == 0  # a served simulator keeps no records
+
+
+@pytest.mark.parametrize("bad", ["300,100", "x", "0,10", "10"])
+def test_bad_lead_is_a_usage_error(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse("--lead-ms", bad)
+    assert exited.value.code == 2
+    assert "--lead-ms" in capsys.readouterr().err

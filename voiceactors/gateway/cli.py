@@ -44,6 +44,16 @@ def _upstream(value: str) -> str:
     raise argparse.ArgumentTypeError(f"expected 'sim', 'openai' or a ws(s):// URL, got {value!r}")
 
 
+def _lead(value: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX in ms, got {value!r}") from None
+    if not 0 < low <= high <= 5000:
+        raise argparse.ArgumentTypeError(f"need 0 < MIN <= MAX <= 5000 ms, got {value!r}")
+    return low, high
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GatewayConfig()
     parser.add_argument("--host", default=defaults.host, help="address to listen on (%(default)s)")
@@ -88,6 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("quiet", "normal", "noisy"),
         default="normal",
         help="local voice detector tuning for barge-in (%(default)s)",
+    )
+    parser.add_argument(
+        "--lead-ms",
+        type=_lead,
+        default=None,
+        metavar="MIN,MAX",
+        help="agent audio sent ahead of the client's playout, in ms: at least MIN, growing "
+        "with measured client jitter up to MAX (default 80,300)",
     )
     parser.add_argument(
         "--allow-client-session",

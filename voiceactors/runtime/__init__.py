@@ -35,13 +35,16 @@ __all__ = [
 
 def config_from_args(args: argparse.Namespace) -> RuntimeConfig:
     """The :class:`RuntimeConfig` that ``serve``'s arguments describe (``ValueError`` if bad)."""
-    fields = {}
+    fields: dict[str, object] = {}
     for name in ("upstream", "model", "instructions", "voice", "vad_profile"):
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
     if getattr(args, "allow_client_session", False):
         fields["allow_client_session"] = True
+    lead = getattr(args, "lead_ms", None)
+    if lead is not None:
+        fields["playback"] = PlaybackConfig(min_lead_ms=lead[0], max_lead_ms=lead[1])
     # A served simulator keeps no records: nobody reads them, and they grow per session.
     return RuntimeConfig(sim=SimConfig().unrecorded(), **fields)
 
