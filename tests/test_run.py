@@ -23,20 +23,19 @@ from trio_websocket import ConnectionClosed
 from voiceactors.audio import PCM16_16K, PCM16_24K, PCM16_48K, PCMA_8K, PCMU_8K, read_wav
 from voiceactors.audio.codecs import ulaw_to_pcm16
 from voiceactors.machines.turn import TurnConfig
-from voiceactors.runner import (
+from voiceactors.run import (
     ClientInput,
     Playout,
     RunOptions,
     UsageError,
     VirtualClient,
-    _barge_report,
-    _turn_report,
     load_input,
     main,
     memory_client_pair,
     run_session,
     silence,
 )
+from voiceactors.run.report import _barge_report, _turn_report
 from voiceactors.sim.audio import tone
 
 AUDIO = Path(__file__).resolve().parent / "fixtures" / "audio"

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "specs": ("voiceactors.cli", "print the state machines and (re)write their Mermaid diagrams"),
     "sim": ("voiceactors.sim.cli", "run the embedded Realtime API simulator"),
     "run": (
-        "voiceactors.runner",
+        "voiceactors.run.cli",
         "run one session from WAV files through the runtime and print a report",
     ),
 }
