@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +62,9 @@ def test_onset_and_end_match_labels(file: str, label: str) -> None:
     (start, end), want = segs[0], LABELS[label]
     assert abs(start - want["speech_start_ms"]) <= TOLERANCE_MS
     assert abs(end - want["speech_end_ms"]) <= TOLERANCE_MS
+    # The normal profile does far better than the issue's 60 ms on clean speech.
+    assert abs(start - want["speech_start_ms"]) <= 5
+    assert abs(end - want["speech_end_ms"]) <= 15
 
 
 def test_onset_is_back_dated_and_decision_latency_reported() -> None:
@@ -146,20 +148,25 @@ def test_bad_input() -> None:
     assert vad.process(b"", 0.0) == []
 
 
-@pytest.mark.parametrize("rate", [24000, 16000])
-def test_cost_per_20_ms_frame(rate: int) -> None:
-    # A generous bound so a loaded CI box passes; the figure itself goes in the report.
-    name = "order_24k" if rate == 24000 else "order_16k"
-    _, data = load(name)
-    step = rate // 50 * 2
-    chunks = [data[i : i + step] for i in range(0, len(data) - step, step)]
+@pytest.mark.parametrize("file", ["order_24k", "order_48k", "order_16k"])
+def test_reported_times_account_for_the_decimator(file: str) -> None:
+    """The same speech 777 ms later is reported exactly 777 ms later (to the 10 ms frame
+    the classifier works in): the decimator's delay is taken off every time, at every rate."""
+    rate, data = load(file)
+    pad = bytes(int(rate * 0.777) * 2)
+    first = segments(run(LocalVAD("normal", rate), rate, data))
+    later = segments(run(LocalVAD("normal", rate), rate, pad + data))
+    assert len(first) == len(later) == 1
+    assert abs(later[0][0] - first[0][0] - 777) <= 10
+    assert abs(later[0][1] - first[0][1] - 777) <= 10
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 24000, 48000])
+def test_full_scale_input_does_not_overflow(rate: int) -> None:
+    """A clipping square wave (the loudest a client can send) is handled, not wrapped."""
+    n = rate  # 1 s
+    square = np.where((np.arange(n) // (rate // 200)) % 2 == 0, 32767, -32768).astype("<i2")
     vad = LocalVAD("normal", rate)
-    best = float("inf")
-    for _ in range(3):
-        vad.reset()
-        t0 = time.perf_counter()
-        for k, c in enumerate(chunks):
-            vad.process(c, k * 20.0)
-        best = min(best, (time.perf_counter() - t0) / len(chunks))
-    print(f"LocalVAD {rate} Hz: {best * 1e6:.1f} us per 20 ms")
-    assert best < 500e-6
+    events = vad.process(square.tobytes(), 0.0) + vad.finish()
+    # (times are back-dated by the decimator's 1 ms delay, hence the slack at 0)
+    assert events and all(-1.5 <= e.at_ms <= 1000.0 for e in events)

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Audio of any chunk size goes in; it is cut into 10 ms frames at a rate webrtcvad accepts
-(8 and 16 kHz natively; 24 and 48 kHz go through the live :class:`PolyphaseResampler` to 16
-kHz, whose 1.25 ms delay is taken off every reported time). Each frame is *voiced* when
+(8 and 16 kHz natively; 24 and 48 kHz go through a short classification-only low-pass
+to 16 kHz, :class:`_Decimator`, whose 1 ms delay is taken off every reported time). Each frame is *voiced* when
 webrtcvad says speech **and** its level is above the profile's energy gate (webrtcvad alone
 fires on faint noise and on the first frames of a stream while it adapts).
 
@@ -21,10 +21,8 @@ Times are audio time in ms, counted from the ``at_ms`` the caller gives with eac
 stream position of its first sample). The detector is sans-IO and synchronous; it never
 reads a clock. Memory is one frame; nothing grows with the stream.
 
-Cost per 20 ms of audio (``tests/test_audio_vad.py`` prints it; loaded 2-core box): ~9 us
-at 16 kHz (two webrtcvad calls, one vectorised level pass) and ~30 us at 24 kHz, most of
-the difference being the 24 -> 16 kHz resampler. 48 kHz also goes through our resampler to
-16 kHz because webrtcvad's own 48 kHz path costs ~22 us per 10 ms frame.
+Cost per 20 ms of audio (``tools/bench_vad.py``, before/after in one run, loaded 2-core
+box): ~7 us at 8/16 kHz, ~14.5 us at 24 kHz (was ~18), ~20 us at 48 kHz (was ~22).
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ import numpy as np
 import webrtcvad
 
 from .codecs import AudioError, check_pcm16
-from .resample import PolyphaseResampler
 
 __all__ = ["PROFILES", "LocalVAD", "SpeechEnd", "SpeechStart", "VadEvent", "VadProfile"]
 
@@ -94,9 +91,104 @@ class SpeechEnd(msgspec.Struct, frozen=True, gc=False, tag="speech_end"):
 
 VadEvent = SpeechStart | SpeechEnd
 
-# webrtcvad's own 48 kHz path costs ~22 us per 10 ms frame against ~3 us at 16 kHz plus our
-# resampler, so 48 kHz is converted here too.
+# webrtcvad's own 32/48 kHz paths cost ~10-20 us per 10 ms frame, so 24 and 48 kHz are
+# converted to 16 kHz here. Not to 8 kHz, though webrtcvad classifies 8 kHz in the end: its
+# own 16 -> 8 kHz half-band filter is part of what its model (and our profiles) were tuned
+# on, and a sharper 4 kHz cutoff measurably changes decisions (it split "confirm" in two).
 _VAD_RATE: Final = {8000: 8000, 16000: 16000, 24000: 16000, 48000: 16000}
+
+# The converter's anti-alias filter: a Kaiser-windowed sinc, -6 dB at 7 kHz, 2 ms long.
+# Its output is only classified, never heard, so it needs the live path's flat passband only
+# where webrtcvad looks (to 4 kHz after its own halving) and only enough rejection that
+# 8-12 kHz content folding onto 4-8 kHz stays small there; not the live path's 60 dB.
+_FIR_MS: Final = 2.0
+_FIR_CUTOFF_HZ: Final = 7000.0
+_FIR_BETA: Final = 5.0
+# Taps are multiples of 2**-15 and each output's taps sum to exactly 1: every product with
+# an int16 sample and every partial sum of a window (< 2**36 units of 2**-15) is exact in
+# float64, so an output does not depend on how BLAS orders its sum, nor therefore on how the
+# stream was chunked.
+_FIR_BITS: Final = 15
+_I16: Final = np.dtype("<i2")
+_I16_MIN: Final = np.float64(-32768)
+_I16_MAX: Final = np.float64(32767)
+
+
+def _sum_squares(frames: np.ndarray) -> np.ndarray:
+    """Sum of squares of each row of a float64 matrix."""
+    if _vecdot is not None:
+        return _vecdot(frames, frames)
+    return np.einsum("ij,ij->i", frames, frames)
+
+
+_vecdot = getattr(np, "vecdot", None)  # numpy >= 2.0; twice as fast as einsum here
+
+
+def _design(src_rate: int, dst_rate: int) -> tuple[int, int, np.ndarray, float]:
+    """Return ``(L, M, kernel, delay_ms)`` for converting ``src_rate`` down to ``dst_rate``.
+
+    The prototype low-pass runs at ``L * src_rate``. Outputs come in blocks of ``L``; block
+    ``b`` reads the input window that starts ``M * b`` samples into the buffer (history of
+    ``H`` samples, then the stream) and is ``H + M`` wide, and its output ``r`` is that
+    window dotted with ``kernel[:, r]``. Output ``j`` thus sits at input position
+    ``j * M / L`` and carries the content of ``delay_ms`` earlier.
+    """
+    g = math.gcd(src_rate, dst_rate)
+    up, down = dst_rate // g, src_rate // g
+    fs_up = src_rate * up
+    # Odd, so the delay is a whole number of prototype samples: 1 ms at 48 kHz (exact
+    # in binary, so shifted times stay as exact as the caller's).
+    n = round(fs_up * _FIR_MS / 1000) | 1
+    t = np.arange(n) - (n - 1) / 2
+    c = _FIR_CUTOFF_HZ / fs_up
+    proto = 2 * c * np.sinc(2 * c * t) * np.kaiser(n, _FIR_BETA)
+    hist = -(-n // up)
+    kernel = np.zeros((hist + down, up))
+    for r in range(up):
+        for w in range(hist + down):
+            k = up * (hist - w) + down * r  # prototype tap that meets window sample w
+            if 0 <= k < n:
+                kernel[w, r] = proto[k]
+    units = np.rint(kernel / kernel.sum(axis=0) * 2**_FIR_BITS)
+    peak = np.abs(units).argmax(axis=0)
+    units[peak, range(up)] += 2**_FIR_BITS - units.sum(axis=0)  # unity DC gain, exactly
+    kernel = units / 2**_FIR_BITS
+    kernel.flags.writeable = False
+    return up, down, kernel, (n - 1) / 2 / fs_up * 1000
+
+
+class _Decimator:
+    """Streaming low-pass and rate reduction of int16 samples, for classification only.
+
+    Output ``j`` is on the output rate's grid aligned with the input (silence before the
+    last :meth:`reset`) and carries the content of :attr:`delay_ms` earlier. Values are
+    floats in int16 range, not rounded. Each call returns every output whose window has
+    fully arrived (at most ``M - 1`` input samples, 0.13 ms, are held back).
+    """
+
+    __slots__ = ("_down", "_history", "_kernel", "_up", "delay_ms")
+
+    def __init__(self, src_rate: int, dst_rate: int) -> None:
+        self._up, self._down, self._kernel, self.delay_ms = _design(src_rate, dst_rate)
+        self.reset()
+
+    def reset(self) -> None:
+        self._history = np.zeros(len(self._kernel) - self._down)
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        """Take int16 ``samples`` (any length); return the float64 outputs now due."""
+        kernel, down = self._kernel, self._down
+        ext = np.concatenate((self._history, samples))
+        blocks = max(0, (len(ext) - len(kernel)) // down + 1)
+        self._history = ext[blocks * down :]
+        step = ext.strides[0]
+        # Overlapping windows as a view; np.dot makes the one contiguous copy BLAS needs.
+        windows = np.ndarray((blocks, len(kernel)), ext.dtype, ext, strides=(down * step, step))
+        out = np.dot(windows, kernel).ravel()
+        # The filter overshoots full-scale input by up to sum(|taps|) - 1 (~60 %).
+        np.minimum(out, _I16_MAX, out=out)
+        np.maximum(out, _I16_MIN, out=out)
+        return out
 
 
 class LocalVAD:
@@ -114,8 +206,8 @@ class LocalVAD:
         "_flag_run",
         "_gate",
         "_last_flag_run",
+        "_decimator",
         "_next_ms",
-        "_resampler",
         "_run",
         "_run_start_ms",
         "_shift_ms",
@@ -141,11 +233,11 @@ class LocalVAD:
         self.rate = rate
         vad_rate = self._vad_rate = _VAD_RATE[rate]
         self._vad = webrtcvad.Vad(profile.aggressiveness)
-        self._resampler = PolyphaseResampler(rate, vad_rate) if vad_rate != rate else None
-        # Content leaves the resampler this late; every reported time is moved back by it.
-        self._shift_ms = self._resampler.delay_ms if self._resampler is not None else 0.0
+        self._decimator = _Decimator(rate, vad_rate) if vad_rate != rate else None
+        # Content leaves the decimator this late; every reported time is moved back by it.
+        self._shift_ms = self._decimator.delay_ms if self._decimator is not None else 0.0
         frame = vad_rate * _FRAME_MS // 1000
-        self._buf = np.zeros(frame, np.int16)
+        self._buf = np.zeros(frame)
         # Compare sums of squares, not dB: one multiply per frame instead of a log.
         self._gate = frame * (32768.0 * 10 ** (profile.gate_dbfs / 20)) ** 2
         self._next_ms: float | None = None
@@ -164,8 +256,8 @@ class LocalVAD:
         self._flag_end_ms = -math.inf
         self._voiced_end_ms = -math.inf
         self._speech_start_ms = 0.0
-        if self._resampler is not None:
-            self._resampler.reset()
+        if self._decimator is not None:
+            self._decimator.reset()
 
     def process(self, pcm16: bytes, at_ms: float) -> list[VadEvent]:
         """Feed the next chunk, whose first sample is at stream time ``at_ms``; return the
@@ -182,12 +274,12 @@ class LocalVAD:
         if self._next_ms is None or abs(at_ms - self._next_ms) > 1.0:
             self._fill = 0
             self._buf_start_ms = at_ms
-            if self._resampler is not None:
-                self._resampler.reset()
-        samples = np.frombuffer(pcm16, "<i2")
+            if self._decimator is not None:
+                self._decimator.reset()
+        samples: np.ndarray = np.frombuffer(pcm16, _I16)
         self._next_ms = at_ms + len(samples) * 1000 / self.rate
-        if self._resampler is not None:
-            samples = self._resampler.process(samples)
+        if self._decimator is not None:
+            samples = self._decimator.process(samples)  # float64 from here on
         if self._fill:
             samples = np.concatenate((self._buf[: self._fill], samples))
         frame = len(self._buf)
@@ -200,14 +292,19 @@ class LocalVAD:
         # Levels of all the chunk's frames in one vectorised pass; webrtcvad then reads
         # each frame straight out of one bytes object.
         frames = samples[: whole * frame].reshape(whole, frame)
-        levels = np.einsum("ij,ij->i", frames, frames, dtype=np.float64)
-        raw = memoryview(frames.tobytes())
+        if frames.dtype == _I16:
+            pcm, frames = frames, frames.astype(np.float64)
+        else:
+            pcm = frames.astype(_I16)  # truncates; within int16 range already
+        levels = _sum_squares(frames)
+        raw = pcm.tobytes()
         size = frame * 2
+        vad, vad_rate, gate = self._vad, self._vad_rate, self._gate
         for k in range(whole):
             start = self._buf_start_ms - self._shift_ms
             self._buf_start_ms += _FRAME_MS
-            flagged = self._vad.is_speech(raw[k * size : (k + 1) * size], self._vad_rate)
-            self._frame(flagged, levels[k] >= self._gate, start, events)
+            flagged = vad.is_speech(raw[k * size : (k + 1) * size], vad_rate)
+            self._frame(flagged, levels[k] >= gate, start, events)
         return events
 
     def finish(self) -> list[VadEvent]:
