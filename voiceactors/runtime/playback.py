@@ -201,6 +201,7 @@ class Playback:
         self.first_audio: set[str] = set()  # responses whose first audio went out
         self.response_id: str | None = None
         self.response_active = False
+        self.overflowed: deque[str] = deque(maxlen=8)  # responses whose audio overflowed
         self.tool_responses: set[str] = set()  # responses with calls the runner answers
         self.out_format: Format = PCM24K
         self.converter: Converter | None = None
@@ -345,7 +346,15 @@ class Playback:
             return
         if self.queued_ms + ms > self.cfg.max_buffer_ms:
             self.ctx.audio_ms_dropped += ms
-            log.warning("agent audio over %.0f ms buffered; dropped", self.cfg.max_buffer_ms)
+            if delta.response_id not in self.overflowed:  # say so once per response
+                self.overflowed.append(delta.response_id)
+                log.warning("agent audio over %.0f ms buffered; dropped", self.cfg.max_buffer_ms)
+                await self.link.error(
+                    "agent_audio_dropped",
+                    f"More than {self.cfg.max_buffer_ms:g} ms of agent audio was waiting to "
+                    "be played; the rest of this response's audio is dropped.",
+                    type="server_error",
+                )
             return
         self.received[delta.item_id] = offset + ms
         self.queue.append((delta, ms, offset))
