@@ -360,3 +360,30 @@ async def test_an_early_session_update_is_answered(
     assert updated["session"]["audio"]["output"]["speed"] == 1.25
     assert again["type"] == "session.updated"
     assert again["session"]["audio"]["output"]["speed"] == 0.9
+
+
+@pytest.mark.parametrize(("code", "reason"), [(1000, "client_closed"), (1006, "client_lost")])
+async def test_a_goodbye_and_a_lost_client_are_told_apart(
+    autojump_clock: trio.testing.MockClock, code: int, reason: str
+) -> None:
+    """A close frame is a goodbye; a socket that just dies (1006) is a lost client: the
+    metrics tell an operator which."""
+    from voiceactors.gateway import ClientInfo
+    from voiceactors.run import memory_client_pair
+    from voiceactors.runtime import open_runtime_from_config
+
+    with trio.fail_after(30):
+        async with open_runtime_from_config(config()) as rt:
+            server, client = memory_client_pair()
+            info = ClientInfo("sess_t", "memory", "/v1/realtime", {}, {}, None, None)
+            async with trio.open_nursery() as nursery:
+
+                async def hang_up() -> None:
+                    assert json.loads(await client.get_message())["type"] == "session.created"
+                    await client.aclose(code, "")
+
+                nursery.start_soon(hang_up)
+                report = await rt.run_client(server, info)
+            text = rt.metrics.render()
+    assert report.reason == reason
+    assert f'voiceactors_session_ended_total{{reason="{reason}"}} 1' in text

@@ -90,8 +90,12 @@ class Capture:
         while True:
             try:
                 frame = await port.get_message()
-            except ConnectionClosed:
+            except ConnectionClosed as closed:
                 await self._drain()
+                reason = closed.reason
+                if reason is None or reason.code in (1005, 1006):
+                    # Gone without a close frame (network, crash): not a goodbye.
+                    raise EndSession("client_lost", 1000) from None
                 return
             now = trio.current_time()
             ctx.last_client_at = now

@@ -52,6 +52,7 @@ log = logging.getLogger("voiceactors.runtime")
 # Bounded label values for the sessions-ended counter.
 END_REASONS = (
     "client_closed",
+    "client_lost",
     "completed",
     "rate_limited",
     "idle_timeout",
@@ -257,7 +258,7 @@ class Runtime:
 
     async def _goodbye(self, link: ClientLink, summary: SessionSummary) -> None:
         """Tell the client why the server ended its session, then close."""
-        if summary.reason == "client_closed":
+        if summary.reason in ("client_closed", "client_lost"):
             return
         kind = "server_error" if summary.code in (1011, 1013) else "invalid_request_error"
         text = summary.detail or summary.reason
