@@ -18,7 +18,7 @@ a test made was closed.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import trio
@@ -67,7 +67,7 @@ class EdgeSender(Generic[T]):
         self._edge = edge
         self._send = send
         # Bind the policy once so the hot path is a single call.
-        self.send: Callable[[T], object] = (
+        self.send: Callable[[T], Awaitable[None]] = (
             self._send_block if edge.policy is Full.BLOCK else self._send_drop_oldest
         )
 

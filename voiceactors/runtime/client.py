@@ -92,21 +92,24 @@ class ClientDecoder:
     def decode(self, frame: str | bytes) -> ev.ClientEvent | PlaybackReport:
         try:
             return self._events.decode(frame)
-        except codec.ProtocolError as exc:
-            if exc.param != "type" or _REPORT_TYPE not in (
-                frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
-            ):
+        except codec.ProtocolError as refused:
+            if refused.param != "type":
                 raise
-        # Rare (every ~100 ms from a page): the generic path, for precise errors.
-        obj = msgspec.json.decode(frame)
+            # An unknown type: ours? (Rare, ~10 a second from a page: the generic path.)
+            try:
+                obj = msgspec.json.decode(frame)
+            except msgspec.DecodeError:
+                raise refused from None
+            if not isinstance(obj, dict) or obj.get("type") != _REPORT_TYPE:
+                raise
         event_id = obj.get("event_id") if isinstance(obj.get("event_id"), str) else None
         try:
             return msgspec.convert(obj, PlaybackReport)
         except msgspec.ValidationError as bad:
-            exc = codec._from_validation(bad, event_id)
-            if not exc.param:  # a range check: it names its field in backticks
-                exc.param = next((f for f in _REPORT_FIELDS if f"`{f}`" in str(bad)), None)
-            raise exc from None
+            error = codec._from_validation(bad, event_id)
+            if not error.param:  # a range check: it names its field in backticks
+                error.param = next((f for f in _REPORT_FIELDS if f"`{f}`" in str(bad)), None)
+            raise error from None
 
 
 class ClientLink:

@@ -40,6 +40,7 @@ import trio_websocket
 
 from ..channels import EdgeSender, Full, open_edge
 from ..machines import reconnect as rc
+from ..machines._core import IllegalTransition
 from ..machines.breaker import CircuitOpen
 from ..messages import AudioFrame, UpstreamStatus
 from ..realtime import (
@@ -242,7 +243,7 @@ class UpstreamActor:
             self.slots["next"] = None
         try:
             actions = self.machine.handle(event, trio.current_time())
-        except rc.IllegalTransition:  # pragma: no cover - a stale fact raced a transition
+        except IllegalTransition:  # pragma: no cover - a stale fact raced a transition
             log.debug("ignored %r in %s", event, self.machine.state)
             return
         for action in actions:
