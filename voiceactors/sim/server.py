@@ -484,19 +484,30 @@ async def serve_simulator(
     await sim.serve(host, port, task_status=task_status)
 
 
-@dataclass(frozen=True, slots=True)
-class RunningSimulator:
-    """A simulator serving on 127.0.0.1:``port`` (see ``testing.sim.open_simulator``)."""
+class LoopbackURLs:
+    """The addresses of a server listening on 127.0.0.1:``port`` (a mixin)."""
 
-    sim: Simulator
+    __slots__ = ()
     port: int
 
     @property
     def url(self) -> str:
-        """``ws://127.0.0.1:PORT/v1/realtime`` (add ``?model=...`` to connect)."""
+        """``ws://127.0.0.1:PORT/v1/realtime`` (add ``?model=...`` as clients do)."""
         return f"ws://127.0.0.1:{self.port}/v1/realtime"
 
     @property
     def base_url(self) -> str:
         """``ws://127.0.0.1:PORT/v1``: the ``websocket_base_url`` for the openai SDK."""
         return f"ws://127.0.0.1:{self.port}/v1"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+
+@dataclass(frozen=True, slots=True)
+class RunningSimulator(LoopbackURLs):
+    """A simulator serving on 127.0.0.1:``port`` (see ``testing.sim.open_simulator``)."""
+
+    sim: Simulator
+    port: int

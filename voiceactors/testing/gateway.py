@@ -19,29 +19,18 @@ import trio
 
 from ..gateway import Gateway, GatewayConfig
 from ..runtime import Runtime, RuntimeConfig, open_runtime_from_config
+from ..sim.server import LoopbackURLs
 
 __all__ = ["RunningGateway", "open_gateway"]
 
 
-@dataclass(frozen=True)
-class RunningGateway:
+@dataclass(frozen=True, slots=True)
+class RunningGateway(LoopbackURLs):
+    """A gateway serving on 127.0.0.1:``port`` (``url``, ``base_url``, ``http_url``)."""
+
     gateway: Gateway
     runtime: Runtime
     port: int
-
-    @property
-    def url(self) -> str:
-        """``ws://127.0.0.1:PORT/v1/realtime`` (add ``?model=...`` as clients do)."""
-        return f"ws://127.0.0.1:{self.port}/v1/realtime"
-
-    @property
-    def base_url(self) -> str:
-        """``ws://127.0.0.1:PORT/v1``: the ``websocket_base_url`` for the openai SDK."""
-        return f"ws://127.0.0.1:{self.port}/v1"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
 
 
 @asynccontextmanager
