@@ -34,6 +34,8 @@ import errno
 import logging
 import secrets
 import signal
+import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +131,9 @@ class GatewayConfig:
     message_queue_size: int = 8
     #: how long a close handshake the gateway starts may take before the socket is dropped
     close_timeout: float = 5.0
+    #: bind with SO_REUSEPORT so that several processes share the port, the kernel
+    #: spreading connections among them (``serve --workers``); needs the platform to have it
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -154,6 +159,8 @@ class GatewayConfig:
             raise ValueError(f"max_head_bytes must be <= {_H11_DEFAULT_LIMIT}")
         if isinstance(self.allowed_origins, str):
             raise ValueError("allowed_origins is a tuple of origins, not one string")
+        if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError(f"reuse_port: this platform ({sys.platform}) has no SO_REUSEPORT")
 
 
 def _default_limiter() -> RateLimiter:
@@ -312,7 +319,10 @@ class Gateway:
 
     async def _serve(self, task_status: trio.TaskStatus[int]) -> None:
         cfg = self.config
-        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
+        if cfg.reuse_port:
+            listeners = await _open_reuse_port_listeners(cfg.port, cfg.host or None)
+        else:
+            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
         if cfg.port == 0:
             # Each address family would get its own free port; one port is what we report.
             for extra in listeners[1:]:
@@ -701,6 +711,44 @@ def _only(exc: BaseException, types: tuple[type[BaseException], ...]) -> bool:
         _, rest = exc.split(types)
         return rest is None
     return isinstance(exc, types)
+
+
+async def _open_reuse_port_listeners(port: int, host: str | None) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners`` with SO_REUSEPORT set on every socket before bind.
+
+    One listener per address ``host`` resolves to (``None``: both wildcards). Raises
+    ``OSError`` if any of them cannot be bound (after closing those that were).
+    """
+    addresses = await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, type_, proto, _, sockaddr in addresses:
+            try:
+                sock = trio.socket.socket(family, type_, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT and len(addresses) > 1:
+                    continue  # e.g. no IPv6 here: the other family is enough
+                raise
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock.bind(sockaddr)
+                sock.listen(0xFFFF)  # the kernel caps it at its configured maximum
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    if not listeners:
+        raise OSError(errno.EAFNOSUPPORT, f"no address family of {host!r} is supported here")
+    return listeners
 
 
 def _peer(stream: trio.SocketStream) -> str:
