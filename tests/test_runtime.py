@@ -19,6 +19,7 @@ import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
+from trio_websocket import ConnectionClosed
 
 from voiceactors.audio.wav import read_wav
 from voiceactors.machines.turn import TurnConfig
@@ -171,6 +172,16 @@ class Device:
                         "played_ms": self.played(trio.current_time()),
                     }
                 )
+
+
+class Sender:
+    """``send(dict)`` over a bare socket-like port (``send_message``)."""
+
+    def __init__(self, port: Any) -> None:
+        self.port = port
+
+    async def send(self, event: dict[str, Any]) -> None:
+        await self.port.send_message(json.dumps(event))
 
 
 async def stream(client: Any, pcm: bytes) -> None:
@@ -387,3 +398,31 @@ async def test_a_goodbye_and_a_lost_client_are_told_apart(
             text = rt.metrics.render()
     assert report.reason == reason
     assert f'voiceactors_session_ended_total{{reason="{reason}"}} 1' in text
+
+
+async def test_a_client_that_stops_reading_is_cut_off_not_waited_for(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client that sends but never reads: once its socket's buffer is full, a write waits
+    ``client_send_timeout_s`` and the session ends (``client_not_reading``, 1011) instead
+    of blocking its actors forever."""
+    from voiceactors.gateway import ClientInfo
+    from voiceactors.run import memory_client_pair
+    from voiceactors.runtime import open_runtime_from_config
+
+    cfg = config(client_send_timeout_s=2.0)
+    with trio.fail_after(60):
+        async with open_runtime_from_config(cfg) as rt:
+            server, client = memory_client_pair(capacity=4)
+            info = ClientInfo("sess_deaf", "memory", "/v1/realtime", {}, {}, None, None)
+            async with trio.open_nursery() as nursery:
+
+                async def talk_but_never_read() -> None:
+                    with pytest.raises(ConnectionClosed) as closed:
+                        await stream(Sender(client), speech("order_24k.wav") + bytes(CHUNK * 400))
+                    assert closed.value.reason.code == 1011  # the server closed on it
+
+                nursery.start_soon(talk_but_never_read)
+                report = await rt.run_client(server, info)
+    assert (report.reason, report.code) == ("client_not_reading", 1011)
+    assert "2 s" in report.detail
