@@ -378,7 +378,9 @@ class UpstreamActor:
                         waiting = False
                     await c.conn.send(event)
                 c.audio_origin_ms = self.log.audio.start_ms
-                for b64 in self.log.audio:
+                # A copy: the new connection's reader may commit (pop) part of the log
+                # while these sends wait.
+                for b64 in list(self.log.audio):
                     await c.conn.send(InputAudioBufferAppend(audio=b64))
                 if self._pending_commit:
                     await c.conn.send(InputAudioBufferCommit())
@@ -390,8 +392,7 @@ class UpstreamActor:
                 return  # the reader reports the close
             self.ready = True
             self.last_event_at = trio.current_time()
-        if not first:
-            await self._out.send(UpstreamStatus(state="reconnected", attempt=self.reconnects))
+
 
     # -- the reader (hot path) ---------------------------------------------------------------
 
