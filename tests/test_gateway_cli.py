@@ -14,12 +14,12 @@ import subprocess
 import sys
 from functools import partial
 
-import h11
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket
 
 from voiceactors.gateway import cli
+from voiceactors.testing.gateway import http_get
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -82,25 +82,6 @@ def test_bad_values_refuse_to_start(capsys: pytest.CaptureFixture[str]) -> None:
     assert "max_sessions" in capsys.readouterr().err
 
 
-async def _get(port: int, target: str) -> tuple[int, bytes]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        conn = h11.Connection(h11.CLIENT)
-        req = h11.Request(method="GET", target=target, headers=[("host", "127.0.0.1")])
-        await stream.send_all(conn.send(req) + conn.send(h11.EndOfMessage()))
-        status, body = 0, b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some())
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return status, body
-
-
 async def _serve_child(nursery: trio.Nursery, *args: str) -> tuple[trio.Process, int, str]:
     argv = [sys.executable, "-m", "voiceactors", *args]
     env = {**os.environ, "VOICEACTORS_PORT": "0"}
@@ -135,11 +116,11 @@ async def test_serve_prints_address_serves_and_drains_on_sigterm(argv: tuple[str
         async with trio.open_nursery() as nursery:
             proc, port, line = await _serve_child(nursery, *argv)
             assert line.endswith("/ (upstream: sim)")
-            assert await _get(port, "/healthz") == (200, b"ok\n")
-            status, body = await _get(port, "/readyz")
+            assert await http_get(port, "/healthz") == (200, b"ok\n")
+            status, body = await http_get(port, "/readyz")
             detail = json.loads(body)["detail"]
             assert (status, detail["upstream"], detail["breaker"]) == (200, "sim", "closed")
-            assert (await _get(port, "/metrics"))[0] == (200 if default else 401)
+            assert (await http_get(port, "/metrics"))[0] == (200 if default else 401)
 
             resource = "/v1/realtime?model=gpt-realtime" + ("" if default else "&token=t0k")
             async with open_websocket("127.0.0.1", port, resource, use_ssl=False) as ws:

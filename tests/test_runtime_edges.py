@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import h11
 import msgspec
 import pytest
 import trio
@@ -43,7 +42,7 @@ from voiceactors.runtime.service import default_session
 from voiceactors.runtime.tools import ToolRegistry
 from voiceactors.sim import Simulator, parse_fault_plan
 from voiceactors.sim.config import SimConfig
-from voiceactors.testing.gateway import RunningGateway, open_gateway
+from voiceactors.testing.gateway import RunningGateway, http_get, open_gateway
 from voiceactors.testing.sim import open_simulator
 from voiceactors.upstream import BreakerRegistry, Endpoint, PoolConfig, WarmPool
 
@@ -168,26 +167,6 @@ async def session(gw: RunningGateway) -> AsyncIterator[Client]:
         first = await client.recv()
         assert first["type"] == "session.created"
         yield client
-
-
-async def http_get(port: int, target: str) -> tuple[int, bytes]:
-    """One GET through h11 on a fresh connection: status and body."""
-    stream = await trio.open_tcp_stream(HOST, port)
-    async with stream:
-        conn = h11.Connection(h11.CLIENT)
-        request = h11.Request(method="GET", target=target, headers=[("host", HOST)])
-        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-        status, body = 0, b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some())
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return status, body
 
 
 def sim_of(gw: RunningGateway) -> Simulator:

@@ -18,13 +18,13 @@ import subprocess
 import sys
 from functools import partial
 
-import h11
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket
 
 from voiceactors.gateway import cli
 from voiceactors.gateway.server import Gateway, GatewayConfig
+from voiceactors.testing.gateway import http_get
 
 RESOURCE = "/v1/realtime?model=gpt-realtime"
 _WORKER = re.compile(r'^voiceactors_worker_info\{pid="(\d+)"\} 1$', re.M)
@@ -96,25 +96,6 @@ def test_without_so_reuseport_workers_refuse_to_start(
 # -- the gateway side: two gateways, one port ------------------------------------------------
 
 
-async def _get(port: int, target: str) -> tuple[int, str]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        conn = h11.Connection(h11.CLIENT)
-        req = h11.Request(method="GET", target=target, headers=[("host", "127.0.0.1")])
-        await stream.send_all(conn.send(req) + conn.send(h11.EndOfMessage()))
-        status, body = 0, b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some())
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return status, body.decode()
-
-
 async def test_reuse_port_gateways_share_a_port() -> None:
     """Two gateways bound with reuse_port on one port both receive connections."""
     from voiceactors import metrics as m
@@ -137,7 +118,8 @@ async def test_reuse_port_gateways_share_a_port() -> None:
             assert await nursery.start(second.serve) == port
             seen: set[str] = set()
             for _ in range(200):
-                status, body = await _get(port, "/metrics")
+                status, raw = await http_get(port, "/metrics")
+                body = raw.decode()
                 assert status == 200
                 seen.update(re.findall(r'^which\{name="(\w)"\} 1', body, re.M))
                 if len(seen) == 2:
@@ -230,7 +212,8 @@ async def _workers(port: int, want: int) -> dict[int, int]:
     """Sessions active per worker pid, asking /metrics until ``want`` pids have answered."""
     sessions: dict[int, int] = {}
     for _ in range(500):
-        status, body = await _get(port, "/metrics")
+        status, raw = await http_get(port, "/metrics")
+        body = raw.decode()
         assert status == 200
         (pid,) = _WORKER.findall(body)
         (active,) = _SESSIONS.findall(body)

@@ -15,13 +15,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import h11
 import trio
 
 from ..gateway import Gateway, GatewayConfig
 from ..runtime import Runtime, RuntimeConfig, open_runtime_from_config
 from ..sim.server import LoopbackURLs
 
-__all__ = ["RunningGateway", "open_gateway"]
+__all__ = ["RunningGateway", "http_get", "open_gateway"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +54,23 @@ async def open_gateway(
                 yield RunningGateway(gw, runtime, port)
             finally:
                 nursery.cancel_scope.cancel()
+
+
+async def http_get(port: int, target: str, host: str = "127.0.0.1") -> tuple[int, bytes]:
+    """One GET through h11 on a fresh connection to ``host:port``: status and body."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        request = h11.Request(method="GET", target=target, headers=[("host", host)])
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        status, body = 0, b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some())
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, body
