@@ -33,6 +33,7 @@ from voiceactors.realtime import ResponseDone, ResponseOutputAudioDelta, Session
 from voiceactors.runtime import RuntimeConfig
 from voiceactors.session import Session as VSession
 from voiceactors.sim.config import SimConfig
+from voiceactors.testing import stamps
 from voiceactors.testing.gateway import open_gateway
 from voiceactors.testing.proxy import FaultProxy, Toxics, open_proxy
 from voiceactors.testing.sim import connect_client, open_simulator
@@ -318,15 +319,6 @@ def speech(name: str = "confirm_24k.wav") -> bytes:
         return w.readframes(w.getnframes())
 
 
-def stamp(chunk: bytes, seq: int) -> bytes:
-    """Mark a 20 ms frame with its sequence number in its first two samples (inaudible)."""
-    return (seq % 1024).to_bytes(2, "little") + (seq // 1024).to_bytes(2, "little") + chunk[4:]
-
-
-def seq_of(frame: bytes) -> int:
-    return int.from_bytes(frame[0:2], "little") + 1024 * int.from_bytes(frame[2:4], "little")
-
-
 @dataclass
 class Outcome:
     reason: str
@@ -404,7 +396,7 @@ async def run_session(
                         seq = 0
                         while seq * FRAME < len(audio) or not done.is_set():
                             chunk = audio[seq * FRAME : (seq + 1) * FRAME].ljust(FRAME, b"\0")
-                            chunk = stamp(chunk, seq)
+                            chunk = stamps.stamp(chunk, seq)
                             await inbox.sender.send(AudioFrame(pcm=chunk, seq=seq))
                             sent.extend(chunk)
                             seq += 1
@@ -427,16 +419,8 @@ async def run_session(
 
 def assert_no_audio_lost(o: Outcome) -> None:
     """The connections' runs of received frames are unaltered and leave no gap."""
-    covered = 0
-    for conn in o.sim.connections:
-        audio = conn.received_audio
-        if not audio:
-            continue
-        start = seq_of(audio) * FRAME
-        assert o.sent_audio[start : start + len(audio)] == audio, "audio arrived altered"
-        assert start <= covered, f"{start - covered} bytes of user audio never reached upstream"
-        covered = max(covered, start + len(audio))
-    assert covered >= len(o.sent_audio) - 20 * FRAME
+    received = [conn.received_audio for conn in o.sim.connections]
+    stamps.assert_no_audio_lost(o.sent_audio, received, FRAME)
 
 
 def clear_on_reconnecting(ev: Any, proxy: FaultProxy) -> None:

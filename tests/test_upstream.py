@@ -33,6 +33,7 @@ from voiceactors.realtime import (
 from voiceactors.realtime.events import BETA_EVENT_NAMES
 from voiceactors.session import Session as VSession
 from voiceactors.sim.faults import Fault, FaultPlan
+from voiceactors.testing import stamps
 from voiceactors.testing.sim import open_simulator
 from voiceactors.upstream import (
     BreakerRegistry,
@@ -132,7 +133,7 @@ async def run_session(
                     seq = 0
                     while seq * FRAME < len(audio) or not done.is_set():
                         chunk = audio[seq * FRAME : (seq + 1) * FRAME].ljust(FRAME, b"\0")
-                        chunk = _stamp(chunk, seq)
+                        chunk = stamps.stamp(chunk, seq)
                         await inbox.sender.send(
                             AudioFrame(pcm=chunk, seq=seq, captured_at=trio.current_time())
                         )
@@ -161,32 +162,10 @@ async def run_session(
             return await body(running)
 
 
-def _stamp(chunk: bytes, seq: int) -> bytes:
-    """Mark a 20 ms frame with its sequence number in its first two samples (inaudible)."""
-    return (seq % 1024).to_bytes(2, "little") + (seq // 1024).to_bytes(2, "little") + chunk[4:]
-
-
-def _seq(frame: bytes) -> int:
-    return int.from_bytes(frame[0:2], "little") + 1024 * int.from_bytes(frame[2:4], "little")
-
-
 def assert_no_audio_lost(o: Outcome) -> None:
-    """Each connection got a contiguous run of the frames sent, and the runs leave no gap.
-
-    A run may start before the previous one ended (the uncommitted tail is replayed), never
-    after it; together they cover everything sent except what was still queued when the
-    client hung up.
-    """
-    covered = 0
-    for conn in o.sim.connections:
-        audio = conn.received_audio
-        if not audio:
-            continue
-        start = _seq(audio) * FRAME
-        assert o.sent_audio[start : start + len(audio)] == audio, "audio arrived altered"
-        assert start <= covered, f"{start - covered} bytes of user audio never reached upstream"
-        covered = max(covered, start + len(audio))
-    assert covered >= len(o.sent_audio) - 20 * FRAME
+    """Each connection got a contiguous run of the frames sent, and the runs leave no gap."""
+    received = [conn.received_audio for conn in o.sim.connections]
+    stamps.assert_no_audio_lost(o.sent_audio, received, FRAME)
 
 
 async def test_a_turn_completes_through_the_actor(autojump_clock) -> None:
