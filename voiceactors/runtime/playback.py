@@ -208,7 +208,6 @@ class Playback:
         self.session_seen = False
         self.prefix_padding_ms = 300.0
         self._own_ids: deque[str] = deque(maxlen=64)  # our commands: their errors stay here
-        self._ids = 0
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -285,12 +284,13 @@ class Playback:
             case ev.InputAudioBufferSpeechStopped(audio_end_ms=end):
                 # The server hears the end a silence window late; the local VAD's time is
                 # better, unless it missed this utterance (then its time is a turn old).
-                at = now - max(0.0, self.ctx.input_ms - self.upstream.input_origin_ms() - end) / 1e3
+                origin = self.upstream.input_origin_ms()
+                at = now - max(0.0, self.ctx.input_ms - origin - end) / 1e3
                 known = self.ctx.user_stopped_at
                 if known is None or at - known > 1.0:
                     self.ctx.user_stopped_at = at
                 await self._feed(turn.SpeechStopped(source="server"), now)
-                if origin := self.upstream.input_origin_ms():
+                if origin:  # after a reconnect: back onto the client's own timeline
                     item = msgspec.structs.replace(item, audio_end_ms=int(origin + end))
                 await self._forward(item)
             case ev.ResponseFunctionCallArgumentsDone() if item.name in self.tool_names:
@@ -441,8 +441,7 @@ class Playback:
                     pass  # handled where the audio arrived
 
     def _own_id(self) -> str:
-        self._ids += 1
-        event_id = f"event_vapb{self._ids:08d}"
+        event_id = self.link.event_id()
         self._own_ids.append(event_id)
         return event_id
 
@@ -463,20 +462,18 @@ class Playback:
             self.queued_ms -= ms
             clock.sent(now, event.item_id, offset, ms)
             self.idle_sent = False
-            await self._send_audio(event, now)
+            await self._send_audio(event, ms, now)
         if not self.queue and not self.idle_sent and now >= clock.dry_at():
             self.idle_sent = True
             if self.response_active:
                 self.ctx.underruns += 1  # the client ran dry while the answer streams on
             await self._feed(turn.PlaybackIdle(), now)
-            if not self.queue:
-                clock.reset()
-                if self.machine.state is turn.State.LISTENING:
-                    self.received.clear()
+            clock.reset()  # (the machine's actions never queue audio)
+            if self.machine.state is turn.State.LISTENING:
+                self.received.clear()
 
-    async def _send_audio(self, delta: ev.ResponseOutputAudioDelta, now: float) -> None:
+    async def _send_audio(self, delta: ev.ResponseOutputAudioDelta, ms: float, now: float) -> None:
         ctx = self.ctx
-        ms = b64_len(delta.delta) / PCM24K.bytes_per_ms
         ctx.audio_ms_out += ms
         if delta.response_id not in self.first_audio:
             if len(self.first_audio) > 64:
@@ -498,16 +495,10 @@ class Playback:
         await self.link.send(msgspec.structs.replace(delta, delta=text))
 
     async def _flush(self, now: float) -> None:
-        dropped = 0.0
-        keep: deque[tuple[Any, float, float]] = deque()
-        for entry in self.queue:
-            if entry[1]:
-                dropped += entry[1]
-            else:
-                keep.append(entry)
-        self.queue = keep
+        # The response's other events stay (in order); only its audio goes.
+        self.queue = deque(entry for entry in self.queue if not entry[1])
+        self.ctx.audio_ms_dropped += self.queued_ms
         self.queued_ms = 0.0
-        self.ctx.audio_ms_dropped += dropped
         self.paused = False
         self.clock.flush(now)
         if self.converter is not None:
