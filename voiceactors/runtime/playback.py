@@ -511,6 +511,4 @@ class Playback:
 
 
 def _api(fmt: Format) -> ev.AudioFormat:
-    if fmt.encoding == "pcm16":
-        return ev.AudioFormat(type="audio/pcm", rate=fmt.rate)
-    return ev.AudioFormat(type="audio/pcmu" if fmt.encoding == "pcmu" else "audio/pcma")
+    return msgspec.convert(fmt.to_api(), ev.AudioFormat)
